@@ -1,0 +1,42 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod connector;
+pub mod credentials;
+pub mod document;
+pub mod engine;
+pub mod error;
+pub mod filter;
+pub mod home;
+#[cfg(feature = "http")]
+pub mod http;
+
+
+
+pub mod ids;
+pub mod state;
+pub mod store;
+
+pub use connector::{Batch, Capabilities, Checkpoint, Connector, ConnectorContext, Cursor, Cursors, ReadMode, ReadRequest};
+pub use credentials::{CredentialProvider, EnvCredentialProvider, ExposeSecret, SecretString, StaticCredentialProvider};
+pub use document::{Change, Document, ItemFailure};
+
+pub use error::{Error, ErrorKind, Result, RetryClass};
+pub use ids::{ConnectorId, TenantId};
+
+
+
+/// Re-exports for connector crates, so they share core's versions.
+pub mod reexports {
+    pub use async_trait::async_trait;
+    pub use chrono;
+    pub use futures;
+    pub use secrecy;
+    pub use serde_json;
+    pub use tokio_util;
+    pub use tracing;
+}
+pub use engine::{StatusReport, SyncEngine, SyncOptions, SyncResult, SyncStatus, SyncTimings};
+pub use state::{JsonFileStateStore, StateStore, SyncState};
+pub use store::{KnowledgeStore, SearchHit, StoredDocument};

@@ -1,0 +1,376 @@
+//! [`PostgresConfig`]: the options of a `type = "postgres"` connector, as named in the setup guide.
+
+use std::fmt;
+
+use connector_core::{ConnectorId, Error, Result, TenantId};
+use serde::{Deserialize, Serialize};
+
+/// The longest identifier PostgreSQL keeps (`NAMEDATALEN - 1` bytes); longer names are
+/// truncated by the server, so a longer configured name could never match.
+pub const MAX_IDENTIFIER_LEN: usize = 63;
+
+/// The most connections [`PostgresConfig::pool_size`] may ask for.
+pub const MAX_POOL_SIZE: usize = 64;
+
+/// The largest [`PostgresConfig::batch_size`]: larger batches only cost memory.
+pub const MAX_BATCH_SIZE: usize = 100_000;
+
+/// Whether the connection is encrypted, with libpq's names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SslMode {
+    /// Plain TCP (or a Unix socket). The only mode supported so far.
+    #[default]
+    Disable,
+    /// TLS when the server offers it. Not supported yet: rejected by [`PostgresConfig::validate`].
+    Prefer,
+    /// TLS or fail. Not supported yet: rejected by [`PostgresConfig::validate`].
+    Require,
+}
+
+impl SslMode {
+    /// The libpq name (`disable`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+        }
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Configuration of one PostgreSQL connector instance (`[[connectors]] type = "postgres"`).
+///
+/// Holds no secrets: the user name and password come from the credential provider
+/// (`postgres_user`, `postgres_password`; `ARAGORA_POSTGRES_USER` / `ARAGORA_POSTGRES_PASSWORD`
+/// with the default environment provider).
+///
+/// Table and column names are used exactly as written (case-sensitive, as if double-quoted in
+/// SQL): a table created as `CREATE TABLE Docs` is named `docs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// The connector's stable id. Default: derived from `postgres`, host, database and (when it
+    /// is not `public`) schema, e.g. `postgres-localhost-myapp`.
+    #[serde(default)]
+    pub id: Option<ConnectorId>,
+    /// The tenant whose knowledge store namespace receives the rows. Required.
+    pub tenant_id: TenantId,
+    /// Server host name or address, or the directory of a Unix socket (`/var/run/postgresql`).
+    /// Default `localhost`.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Server port. Default `5432`.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Database name. Required.
+    pub database: String,
+    /// Schema that holds the tables. Default `public`.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Tables (or views) to sync, each one stream named `{schema}.{table}`. Required, non-empty.
+    pub tables: Vec<String>,
+    /// Column that orders changes: every insert and update must set it to a value that is not
+    /// older than before (typically `timestamptz` maintained by a trigger). Default `updated_at`.
+    #[serde(default = "default_timestamp_column")]
+    pub timestamp_column: String,
+    /// Column that identifies a row; unique and not null. Any orderable type (integer, uuid,
+    /// text, ...). Default `id`.
+    #[serde(default = "default_primary_key_column")]
+    pub primary_key_column: String,
+    /// Columns whose values form the searchable content. Default: every column except the
+    /// primary key, the timestamp column and `bytea` columns.
+    #[serde(default)]
+    pub content_columns: Vec<String>,
+    /// Channel for real-time updates via LISTEN/NOTIFY. Validated now; the listener is not
+    /// implemented yet, so changes are picked up by scheduled syncs.
+    #[serde(default)]
+    pub notify_channel: Option<String>,
+    /// The most connections a sync opens at once; tables are read concurrently, one connection
+    /// each. Default `5`, range 1 to 64.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// The most rows in one batch (one store write and one checkpoint). Default `1000`.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Transport security: `disable` (default), `prefer` or `require`. Only `disable` is
+    /// supported so far; the others are rejected with a configuration error.
+    #[serde(default)]
+    pub sslmode: SslMode,
+}
+
+fn default_host() -> String {
+    "localhost".into()
+}
+fn default_port() -> u16 {
+    5432
+}
+fn default_schema() -> String {
+    "public".into()
+}
+fn default_timestamp_column() -> String {
+    "updated_at".into()
+}
+fn default_primary_key_column() -> String {
+    "id".into()
+}
+fn default_pool_size() -> usize {
+    5
+}
+fn default_batch_size() -> usize {
+    1000
+}
+
+impl PostgresConfig {
+    /// A configuration with the required options and every other option at its default.
+    pub fn new(tenant_id: TenantId, database: impl Into<String>, tables: Vec<String>) -> Self {
+        Self {
+            id: None,
+            tenant_id,
+            host: default_host(),
+            port: default_port(),
+            database: database.into(),
+            schema: default_schema(),
+            tables,
+            timestamp_column: default_timestamp_column(),
+            primary_key_column: default_primary_key_column(),
+            content_columns: Vec::new(),
+            notify_channel: None,
+            pool_size: default_pool_size(),
+            batch_size: default_batch_size(),
+            sslmode: SslMode::default(),
+        }
+    }
+
+    /// The configured id, or the one derived from host, database and schema.
+    pub fn connector_id(&self) -> ConnectorId {
+        if let Some(id) = &self.id {
+            return id.clone();
+        }
+        if self.schema == "public" {
+            ConnectorId::derive(&["postgres", &self.host, &self.database])
+        } else {
+            ConnectorId::derive(&["postgres", &self.host, &self.database, &self.schema])
+        }
+    }
+
+    /// The stream name of `table`: `{schema}.{table}`.
+    pub fn stream_name(&self, table: &str) -> String {
+        format!("{}.{}", self.schema, table)
+    }
+
+    /// Checks every option; the error names the key and the offending value.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |key: &str, value: &dyn fmt::Debug, why: &str| {
+            Err(Error::config(format!("postgres connector: {key} = {value:?}: {why}")))
+        };
+
+        if self.host.is_empty() {
+            return invalid("host", &self.host, "must not be empty");
+        }
+        if self.host.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',') {
+            return invalid(
+                "host",
+                &self.host,
+                "must be one host name, address or socket directory (no spaces, commas or control characters)",
+            );
+        }
+        if self.port == 0 {
+            return invalid("port", &self.port, "must be between 1 and 65535");
+        }
+        check_name("database", &self.database)?;
+        check_name("schema", &self.schema)?;
+
+        if self.tables.is_empty() {
+            return Err(Error::config("postgres connector: tables: list at least one table to sync"));
+        }
+        for (i, table) in self.tables.iter().enumerate() {
+            check_name(&format!("tables[{i}]"), table)?;
+            if let Some(j) = self.tables[..i].iter().position(|t| t == table) {
+                return invalid(&format!("tables[{i}]"), table, &format!("repeats tables[{j}]"));
+            }
+        }
+        check_name("timestamp_column", &self.timestamp_column)?;
+        check_name("primary_key_column", &self.primary_key_column)?;
+        if self.timestamp_column == self.primary_key_column {
+            return invalid(
+                "primary_key_column",
+                &self.primary_key_column,
+                "must differ from timestamp_column: the cursor needs both a change time and a row key",
+            );
+        }
+        for (i, column) in self.content_columns.iter().enumerate() {
+            check_name(&format!("content_columns[{i}]"), column)?;
+            if let Some(j) = self.content_columns[..i].iter().position(|c| c == column) {
+                return invalid(&format!("content_columns[{i}]"), column, &format!("repeats content_columns[{j}]"));
+            }
+        }
+        if let Some(channel) = &self.notify_channel {
+            check_name("notify_channel", channel)?;
+        }
+        if !(1..=MAX_POOL_SIZE).contains(&self.pool_size) {
+            return invalid("pool_size", &self.pool_size, &format!("must be between 1 and {MAX_POOL_SIZE}"));
+        }
+        if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
+            return invalid("batch_size", &self.batch_size, &format!("must be between 1 and {MAX_BATCH_SIZE}"));
+        }
+        match self.sslmode {
+            SslMode::Disable => {}
+            SslMode::Prefer | SslMode::Require => {
+                return invalid(
+                    "sslmode",
+                    &self.sslmode.as_str(),
+                    "TLS is not supported by this version of the postgres connector yet; use \"disable\" \
+                     (for example over a Unix socket, a private network or an SSH/stunnel tunnel)",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks an identifier (or database name). Any character is allowed because every name is
+/// quoted before it reaches SQL, but NUL cannot be sent, over-long names are truncated by the
+/// server, and surrounding whitespace is almost always a typo.
+fn check_name(key: &str, value: &str) -> Result<()> {
+    let why = if value.is_empty() {
+        "must not be empty".to_string()
+    } else if value.len() > MAX_IDENTIFIER_LEN {
+        format!(
+            "is {} bytes long; PostgreSQL names are at most {MAX_IDENTIFIER_LEN} bytes",
+            value.len()
+        )
+    } else if value.contains('\0') {
+        "must not contain NUL characters".to_string()
+    } else if value.trim() != value {
+        "has leading or trailing whitespace".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(Error::config(format!("postgres connector: {key} = {value:?}: {why}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use connector_core::ErrorKind;
+
+    fn base() -> PostgresConfig {
+        PostgresConfig::new(TenantId::new("workspace-1").unwrap(), "myapp", vec!["documents".into()])
+    }
+
+    #[test]
+    fn guide_example_parses_with_defaults() {
+        let cfg: PostgresConfig = toml::from_str(
+            r#"
+            id = "docs-db"
+            tenant_id = "workspace-1"
+            host = "localhost"
+            port = 5432
+            database = "myapp"
+            schema = "public"
+            tables = ["documents", "articles", "faq"]
+            timestamp_column = "updated_at"
+            primary_key_column = "id"
+            content_columns = ["title", "body", "summary"]
+            notify_channel = "document_changes"
+            pool_size = 5
+            "#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.connector_id().as_str(), "docs-db");
+        assert_eq!(cfg.batch_size, 1000);
+        assert_eq!(cfg.sslmode, SslMode::Disable);
+        assert_eq!(cfg.stream_name("faq"), "public.faq");
+
+        let minimal: PostgresConfig =
+            toml::from_str("tenant_id = \"t\"\ndatabase = \"myapp\"\ntables = [\"docs\"]").unwrap();
+        assert_eq!(minimal.host, "localhost");
+        assert_eq!(minimal.port, 5432);
+        assert_eq!(minimal.schema, "public");
+        assert_eq!(minimal.timestamp_column, "updated_at");
+        assert_eq!(minimal.primary_key_column, "id");
+        assert!(minimal.content_columns.is_empty());
+        assert_eq!(minimal.pool_size, 5);
+        assert_eq!(minimal.connector_id().as_str(), "postgres-localhost-myapp");
+    }
+
+    #[test]
+    fn unknown_and_missing_keys_are_named() {
+        let err = toml::from_str::<PostgresConfig>(
+            "tenant_id = \"t\"\ndatabase = \"d\"\ntables = [\"x\"]\ntimestamp_colum = \"u\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("timestamp_colum"), "{err}");
+        let err = toml::from_str::<PostgresConfig>("tenant_id = \"t\"\ntables = [\"x\"]").unwrap_err().to_string();
+        assert!(err.contains("database"), "{err}");
+        let err = toml::from_str::<PostgresConfig>("tenant_id = \"t\"\ndatabase = \"d\"\ntables = [\"x\"]\nsslmode = \"verify-full\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("verify-full") && err.contains("disable"), "{err}");
+        let err = toml::from_str::<PostgresConfig>("tenant_id = \"../t\"\ndatabase = \"d\"\ntables = [\"x\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tenant_id"), "{err}");
+    }
+
+    #[test]
+    fn derived_id_includes_non_public_schema() {
+        let mut cfg = base();
+        cfg.host = "db.example.com".into();
+        assert_eq!(cfg.connector_id().as_str(), "postgres-db-example-com-myapp");
+        cfg.schema = "Sales".into();
+        assert_eq!(cfg.connector_id().as_str(), "postgres-db-example-com-myapp-sales");
+    }
+
+    #[test]
+    fn validation_errors_name_key_and_value() {
+        type Edit = fn(&mut PostgresConfig);
+        let cases: &[(Edit, &str)] = &[
+            (|c| c.tables = vec![], "tables: list at least one table"),
+            (|c| c.tables = vec!["a".into(), "".into()], "tables[1] = \"\": must not be empty"),
+            (|c| c.tables = vec!["a".into(), "a".into()], "tables[1] = \"a\": repeats tables[0]"),
+            (|c| c.tables = vec!["a\0b".into()], "tables[0] = \"a\\0b\": must not contain NUL"),
+            (|c| c.tables = vec!["x".repeat(64)], "tables[0] = \"xxxx"),
+            (|c| c.tables = vec![" docs".into()], "tables[0] = \" docs\": has leading or trailing whitespace"),
+            (|c| c.host = String::new(), "host = \"\": must not be empty"),
+            (|c| c.host = "a b".into(), "host = \"a b\""),
+            (|c| c.port = 0, "port = 0"),
+            (|c| c.database = String::new(), "database = \"\""),
+            (|c| c.schema = String::new(), "schema = \"\""),
+            (|c| c.timestamp_column = "id".into(), "primary_key_column = \"id\": must differ"),
+            (|c| c.content_columns = vec!["a".into(), "".into()], "content_columns[1] = \"\""),
+            (|c| c.content_columns = vec!["a".into(), "a".into()], "content_columns[1] = \"a\": repeats"),
+            (|c| c.notify_channel = Some(String::new()), "notify_channel = \"\""),
+            (|c| c.pool_size = 0, "pool_size = 0: must be between 1 and 64"),
+            (|c| c.pool_size = 65, "pool_size = 65"),
+            (|c| c.batch_size = 0, "batch_size = 0"),
+            (|c| c.sslmode = SslMode::Require, "sslmode = \"require\": TLS is not supported"),
+            (|c| c.sslmode = SslMode::Prefer, "sslmode = \"prefer\": TLS is not supported"),
+        ];
+        for (edit, expected) in cases {
+            let mut cfg = base();
+            edit(&mut cfg);
+            let err = cfg.validate().unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(err.to_string().contains(expected), "expected {expected:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn odd_but_quotable_names_are_accepted() {
+        let mut cfg = base();
+        cfg.tables = vec!["we\"ird; DROP TABLE x".into(), "Mixed Case".into()];
+        cfg.content_columns = vec!["ü-col".into()];
+        cfg.notify_channel = Some("document_changes".into());
+        cfg.validate().unwrap();
+    }
+}

@@ -1,0 +1,136 @@
+//! The PostgreSQL test server: it starts, isolates tests, checks passwords, and goes away.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use connector_testkit::PgServer;
+use tokio_postgres::error::SqlState;
+
+#[tokio::test]
+async fn shared_server_creates_isolated_databases_and_runs_queries() -> Result<()> {
+    let pg = PgServer::shared().await?;
+    let db = pg.create_database("testkit_query").await?;
+    let other = pg.create_database("testkit_query").await?;
+    assert_ne!(db, other);
+
+    pg.execute_batch(&db, "CREATE TABLE t (id bigint PRIMARY KEY, body text); INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+        .await?;
+    let client = pg.client(&db).await?;
+    let row = client.query_one("SELECT count(*), string_agg(body, ',' ORDER BY id) FROM t", &[]).await?;
+    assert_eq!(row.get::<_, i64>(0), 2);
+    assert_eq!(row.get::<_, String>(1), "a,b");
+
+    // The other database does not see the table.
+    let err = pg.client(&other).await?.query("SELECT * FROM t", &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_TABLE));
+
+    // Logical replication tests need this.
+    let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+    assert_eq!(wal_level, "logical");
+
+    // psql reaches the same database over TCP with the password from the environment.
+    let out = pg.psql(&db, ["-At", "-c", "SELECT body FROM t WHERE id = 2"])?;
+    assert_eq!(out.trim(), "b");
+    let script = "\\pset tuples_only on\n\\pset format unaligned\nCOPY t FROM STDIN;\n3\tc\n\\.\nSELECT count(*) FROM t;\n";
+    assert_eq!(pg.psql_script(&db, script)?.trim(), "3");
+    Ok(())
+}
+
+#[tokio::test]
+async fn wrong_password_is_rejected_over_tcp() -> Result<()> {
+    let pg = PgServer::shared().await?;
+    let err = tokio_postgres::Config::new()
+        .host(pg.host())
+        .port(pg.port())
+        .user(PgServer::SUPERUSER)
+        .password("not-the-password")
+        .dbname("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .context("connecting with a wrong password succeeded")?;
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
+
+    // And the URL carries the right one.
+    let (client, connection) = tokio_postgres::connect(&pg.url("postgres"), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let one: i32 = client.query_one("SELECT 1", &[]).await?.get(0);
+    assert_eq!(one, 1);
+    Ok(())
+}
+
+#[test]
+fn owned_server_trusts_its_socket_and_cleans_up_on_drop() -> Result<()> {
+    let pg = PgServer::start()?;
+    let pid = pg.pid().context("an owned server knows its pid")?;
+    let run_dir = pg.data_dir().unwrap().parent().unwrap().to_path_buf();
+    assert!(alive(pid));
+
+    // No password over the unix socket.
+    let out = pg
+        .psql_command("postgres")
+        .env_remove("PGPASSWORD")
+        .arg("-h")
+        .arg(pg.socket_dir().unwrap())
+        .args(["-At", "-c", "SELECT current_user"])
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "postgres");
+
+    drop(pg);
+    assert!(!alive(pid), "postmaster {pid} still runs after drop");
+    assert!(!run_dir.exists(), "{} still exists after drop", run_dir.display());
+    Ok(())
+}
+
+/// Started by the test below in a child process, which it then kills with SIGKILL.
+#[test]
+#[ignore = "helper process for watchdog_stops_server_when_owner_is_killed"]
+fn helper_start_server_and_wait() {
+    if std::env::var_os("TESTKIT_PG_HELPER").is_none() {
+        return;
+    }
+    let pg = PgServer::start().unwrap();
+    println!("SERVER {} {}", pg.pid().unwrap(), pg.data_dir().unwrap().parent().unwrap().display());
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+#[test]
+fn watchdog_stops_server_when_owner_is_killed() -> Result<()> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["helper_start_server_and_wait", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("TESTKIT_PG_HELPER", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let line = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.starts_with("SERVER "))
+        .context("the helper did not start a server")?;
+    let mut words = line.split_whitespace().skip(1);
+    let pid: u32 = words.next().unwrap().parse()?;
+    let run_dir = words.next().unwrap().to_owned();
+    assert!(alive(pid));
+
+    child.kill()?; // SIGKILL: no destructor runs
+    child.wait()?;
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while (alive(pid) || Path::new(&run_dir).exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!alive(pid), "postmaster {pid} outlived its owner");
+    assert!(!Path::new(&run_dir).exists(), "{run_dir} outlived its owner");
+    Ok(())
+}
+
+/// Running and not a zombie (PID 1 of a container may not reap orphans).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+}
