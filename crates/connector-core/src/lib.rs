@@ -34,6 +34,8 @@ pub mod reexports {
     pub use futures;
     pub use secrecy;
     pub use serde_json;
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub use sqlx;
     pub use tokio_util;
     pub use tracing;
 }

@@ -106,13 +106,14 @@ fn watchdog_stops_server_when_owner_is_killed() -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
+    // libtest prints "test NAME ... " before the helper's own line.
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let line = stdout
         .lines()
         .map_while(Result::ok)
-        .find(|line| line.starts_with("SERVER "))
+        .find_map(|line| Some(line.split_once("SERVER ")?.1.to_owned()))
         .context("the helper did not start a server")?;
-    let mut words = line.split_whitespace().skip(1);
+    let mut words = line.split_whitespace();
     let pid: u32 = words.next().unwrap().parse()?;
     let run_dir = words.next().unwrap().to_owned();
     assert!(alive(pid));
