@@ -122,7 +122,11 @@ pub(crate) fn classify(f: &ErrorFacts, t: &Target) -> Error {
             ));
         }
         if f.connecting {
-            return Error::transient(format!("cannot connect to PostgreSQL at {}: {}", t.address(), f.message));
+            return Error::transient(format!(
+                "cannot connect to PostgreSQL at {}: {}",
+                t.address(),
+                f.message
+            ));
         }
         if f.closed || f.io.is_some() {
             return Error::transient(format!("connection to PostgreSQL at {at} lost: {}", f.message));
@@ -143,7 +147,13 @@ pub(crate) fn classify(f: &ErrorFacts, t: &Target) -> Error {
             ));
         }
         // invalid_catalog_name
-        "3D000" => return Error::not_found(format!("database {:?} does not exist on {}: {m}", t.database, t.address())),
+        "3D000" => {
+            return Error::not_found(format!(
+                "database {:?} does not exist on {}: {m}",
+                t.database,
+                t.address()
+            ));
+        }
         // undefined_table, invalid_schema_name
         "42P01" | "3F000" => ErrorKind::NotFound,
         // undefined_column: a configured column name is wrong
@@ -202,7 +212,8 @@ impl PgClient {
         }
         // connect_timeout covers the TCP connect only; a server that accepts and then stalls
         // during startup is bounded here.
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(5), pg.connect(NoTls)).await;
+        let connected =
+            tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(5), pg.connect(NoTls)).await;
         drop(pg);
         let (client, connection) = match connected {
             Ok(Ok(pair)) => pair,
@@ -221,7 +232,7 @@ impl PgClient {
         let slot = connection_error.clone();
         let connection = tokio::spawn(async move {
             if let Err(e) = connection.await {
-                *slot.lock().expect("poisoned") = Some(e.to_string());
+                *slot.lock().expect("poisoned") = Some(facts(&e, false).message);
             }
         });
         let client = PgClient { client, connection, connection_error, target };
@@ -236,13 +247,13 @@ impl PgClient {
 
     /// Maps a query error; a lost connection names the cause the connection task saw.
     pub fn error(&self, err: &tokio_postgres::Error) -> Error {
-        let mapped = parse_error(err, &self.target, false);
+        let mut facts = facts(err, false);
         if err.is_closed()
             && let Some(cause) = self.connection_error.lock().expect("poisoned").as_deref()
         {
-            return mapped.context(cause);
+            facts.message = format!("{} ({cause})", facts.message);
         }
-        mapped
+        classify(&facts, &self.target)
     }
 
     /// The columns of `schema.table` (tables, partitioned tables, views, materialized views,
@@ -382,24 +393,44 @@ mod tests {
                 ErrorKind::Auth,
                 "authentication failed for user \"reader\" on db.internal:5433/myapp",
             ),
-            (db("42501", "permission denied for table docs"), ErrorKind::Auth, "grant USAGE on the schema and SELECT"),
+            (
+                db("42501", "permission denied for table docs"),
+                ErrorKind::Auth,
+                "grant USAGE on the schema and SELECT",
+            ),
             (
                 db("3D000", "database \"myapp\" does not exist"),
                 ErrorKind::NotFound,
                 "database \"myapp\" does not exist on db.internal:5433",
             ),
-            (db("42P01", "relation \"public.docs\" does not exist"), ErrorKind::NotFound, "relation \"public.docs\""),
+            (
+                db("42P01", "relation \"public.docs\" does not exist"),
+                ErrorKind::NotFound,
+                "relation \"public.docs\"",
+            ),
             (db("3F000", "schema \"x\" does not exist"), ErrorKind::NotFound, "schema \"x\""),
             (db("42703", "column \"updated_at\" does not exist"), ErrorKind::Config, "column \"updated_at\""),
-            (db("57P01", "terminating connection due to administrator command"), ErrorKind::Transient, "57P01"),
+            (
+                db("57P01", "terminating connection due to administrator command"),
+                ErrorKind::Transient,
+                "57P01",
+            ),
             (db("57P03", "the database system is starting up"), ErrorKind::Transient, "starting up"),
             (db("40001", "could not serialize access"), ErrorKind::Transient, "40001"),
             (db("40P01", "deadlock detected"), ErrorKind::Transient, "deadlock"),
             (db("53300", "sorry, too many clients already"), ErrorKind::Transient, "too many clients"),
             (db("08006", "connection failure"), ErrorKind::Transient, "08006"),
             (db("22007", "invalid input syntax for type timestamp"), ErrorKind::Source, "SQLSTATE 22007"),
-            (refused, ErrorKind::Transient, "cannot connect to PostgreSQL at db.internal:5433: error connecting"),
-            (timed_out, ErrorKind::Transient, "cannot connect to PostgreSQL at db.internal:5433: timed out after 10s"),
+            (
+                refused,
+                ErrorKind::Transient,
+                "cannot connect to PostgreSQL at db.internal:5433: error connecting",
+            ),
+            (
+                timed_out,
+                ErrorKind::Transient,
+                "cannot connect to PostgreSQL at db.internal:5433: timed out after 10s",
+            ),
             (closed, ErrorKind::Transient, "connection to PostgreSQL at db.internal:5433/myapp lost"),
             (reset, ErrorKind::Transient, "lost: error communicating"),
             (
@@ -407,7 +438,11 @@ mod tests {
                 ErrorKind::Auth,
                 "requires a password for user \"reader\": set environment variable ARAGORA_POSTGRES_PASSWORD",
             ),
-            (unexpected, ErrorKind::Source, "PostgreSQL at db.internal:5433/myapp: error deserializing column 3"),
+            (
+                unexpected,
+                ErrorKind::Source,
+                "PostgreSQL at db.internal:5433/myapp: error deserializing column 3",
+            ),
         ];
         for (facts, kind, expected) in table {
             let err = classify(&facts, &target());
@@ -420,7 +455,11 @@ mod tests {
     fn socket_hosts_are_named_as_sockets() {
         let t = Target { host: "/var/run/postgresql".into(), ..target() };
         let err = classify(
-            &ErrorFacts { message: "No such file or directory".into(), connecting: true, ..Default::default() },
+            &ErrorFacts {
+                message: "No such file or directory".into(),
+                connecting: true,
+                ..Default::default()
+            },
             &t,
         );
         assert!(err.to_string().contains("socket /var/run/postgresql/.s.PGSQL.5433"), "{err}");

@@ -208,7 +208,11 @@ impl PostgresConfig {
         for (i, column) in self.content_columns.iter().enumerate() {
             check_name(&format!("content_columns[{i}]"), column)?;
             if let Some(j) = self.content_columns[..i].iter().position(|c| c == column) {
-                return invalid(&format!("content_columns[{i}]"), column, &format!("repeats content_columns[{j}]"));
+                return invalid(
+                    &format!("content_columns[{i}]"),
+                    column,
+                    &format!("repeats content_columns[{j}]"),
+                );
             }
         }
         if let Some(channel) = &self.notify_channel {
@@ -218,7 +222,11 @@ impl PostgresConfig {
             return invalid("pool_size", &self.pool_size, &format!("must be between 1 and {MAX_POOL_SIZE}"));
         }
         if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
-            return invalid("batch_size", &self.batch_size, &format!("must be between 1 and {MAX_BATCH_SIZE}"));
+            return invalid(
+                "batch_size",
+                &self.batch_size,
+                &format!("must be between 1 and {MAX_BATCH_SIZE}"),
+            );
         }
         match self.sslmode {
             SslMode::Disable => {}
@@ -242,10 +250,7 @@ fn check_name(key: &str, value: &str) -> Result<()> {
     let why = if value.is_empty() {
         "must not be empty".to_string()
     } else if value.len() > MAX_IDENTIFIER_LEN {
-        format!(
-            "is {} bytes long; PostgreSQL names are at most {MAX_IDENTIFIER_LEN} bytes",
-            value.len()
-        )
+        format!("is {} bytes long; PostgreSQL names are at most {MAX_IDENTIFIER_LEN} bytes", value.len())
     } else if value.contains('\0') {
         "must not contain NUL characters".to_string()
     } else if value.trim() != value {
@@ -310,15 +315,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("timestamp_colum"), "{err}");
-        let err = toml::from_str::<PostgresConfig>("tenant_id = \"t\"\ntables = [\"x\"]").unwrap_err().to_string();
+        let err =
+            toml::from_str::<PostgresConfig>("tenant_id = \"t\"\ntables = [\"x\"]").unwrap_err().to_string();
         assert!(err.contains("database"), "{err}");
-        let err = toml::from_str::<PostgresConfig>("tenant_id = \"t\"\ndatabase = \"d\"\ntables = [\"x\"]\nsslmode = \"verify-full\"")
-            .unwrap_err()
-            .to_string();
+        let err = toml::from_str::<PostgresConfig>(
+            "tenant_id = \"t\"\ndatabase = \"d\"\ntables = [\"x\"]\nsslmode = \"verify-full\"",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("verify-full") && err.contains("disable"), "{err}");
-        let err = toml::from_str::<PostgresConfig>("tenant_id = \"../t\"\ndatabase = \"d\"\ntables = [\"x\"]")
-            .unwrap_err()
-            .to_string();
+        let err =
+            toml::from_str::<PostgresConfig>("tenant_id = \"../t\"\ndatabase = \"d\"\ntables = [\"x\"]")
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("tenant_id"), "{err}");
     }
 
@@ -340,7 +349,10 @@ mod tests {
             (|c| c.tables = vec!["a".into(), "a".into()], "tables[1] = \"a\": repeats tables[0]"),
             (|c| c.tables = vec!["a\0b".into()], "tables[0] = \"a\\0b\": must not contain NUL"),
             (|c| c.tables = vec!["x".repeat(64)], "tables[0] = \"xxxx"),
-            (|c| c.tables = vec![" docs".into()], "tables[0] = \" docs\": has leading or trailing whitespace"),
+            (
+                |c| c.tables = vec![" docs".into()],
+                "tables[0] = \" docs\": has leading or trailing whitespace",
+            ),
             (|c| c.host = String::new(), "host = \"\": must not be empty"),
             (|c| c.host = "a b".into(), "host = \"a b\""),
             (|c| c.port = 0, "port = 0"),

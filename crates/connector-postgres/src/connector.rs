@@ -6,7 +6,8 @@ use async_trait::async_trait;
 use connector_core::credentials::CredentialProvider;
 use connector_core::reexports::tokio_util::sync::CancellationToken;
 use connector_core::{
-    Batch, Capabilities, Connector, ConnectorContext, ConnectorId, Error, ReadMode, ReadRequest, Result, TenantId,
+    Batch, Capabilities, Connector, ConnectorContext, ConnectorId, Error, ReadMode, ReadRequest, Result,
+    TenantId,
 };
 use futures::stream::BoxStream;
 
@@ -174,7 +175,9 @@ impl Connector for PostgresConnector {
     /// 5 s) for small or never-analyzed tables. `None` for an incremental sync that resumes
     /// from a cursor, where the number of changed rows is unknown.
     async fn estimate_total(&self, request: &ReadRequest) -> Result<Option<u64>> {
-        if request.mode == ReadMode::Incremental && self.streams().iter().any(|s| request.cursors.contains_key(s)) {
+        if request.mode == ReadMode::Incremental
+            && self.streams().iter().any(|s| request.cursors.contains_key(s))
+        {
             return Ok(None);
         }
         let client = self.connect().await?;

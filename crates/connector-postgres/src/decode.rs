@@ -106,7 +106,10 @@ impl ColKind {
     /// Whether our rendering of a value is exactly the server's text form, so a cursor can
     /// use it without asking the server for `::text`.
     pub(crate) fn text_is_exact(&self) -> bool {
-        matches!(self, ColKind::Text | ColKind::AsText | ColKind::Int2 | ColKind::Int4 | ColKind::Int8 | ColKind::Uuid)
+        matches!(
+            self,
+            ColKind::Text | ColKind::AsText | ColKind::Int2 | ColKind::Int4 | ColKind::Int8 | ColKind::Uuid
+        )
     }
 
     /// timestamp, timestamptz or date: usable as a document time.
@@ -287,7 +290,9 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
     const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let n = (chunk[0] as u32) << 16 | (*chunk.get(1).unwrap_or(&0) as u32) << 8 | *chunk.get(2).unwrap_or(&0) as u32;
+        let n = (chunk[0] as u32) << 16
+            | (*chunk.get(1).unwrap_or(&0) as u32) << 8
+            | *chunk.get(2).unwrap_or(&0) as u32;
         out.push(ABC[(n >> 18) as usize & 63] as char);
         out.push(ABC[(n >> 12) as usize & 63] as char);
         out.push(if chunk.len() > 1 { ABC[(n >> 6) as usize & 63] as char } else { '=' });
@@ -300,7 +305,9 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
 fn time_of(kind: &ColKind, bytes: Option<&[u8]>) -> Option<DateTime<Utc>> {
     let bytes = bytes?;
     match kind {
-        ColKind::Timestamp | ColKind::TimestampTz => micros_to_time(i64::from_be_bytes(bytes.try_into().ok()?)),
+        ColKind::Timestamp | ColKind::TimestampTz => {
+            micros_to_time(i64::from_be_bytes(bytes.try_into().ok()?))
+        }
         ColKind::Date => days_to_date(i32::from_be_bytes(bytes.try_into().ok()?))
             .and_then(|d| d.and_hms_opt(0, 0, 0))
             .map(|t| t.and_utc()),
@@ -401,7 +408,10 @@ pub(crate) fn decode_row(plan: &TablePlan, row: &Row) -> Result<DecodedRow, Stri
                 match decode_value(&column.kind, bytes) {
                     Ok(v) => v,
                     Err(e) => {
-                        return Ok(DecodedRow { result: Err((id, format!("column {:?}: {e}", column.name))), size });
+                        return Ok(DecodedRow {
+                            result: Err((id, format!("column {:?}: {e}", column.name))),
+                            size,
+                        });
                     }
                 }
             }
@@ -472,7 +482,13 @@ pub(crate) fn decode_row(plan: &TablePlan, row: &Row) -> Result<DecodedRow, Stri
 
 /// A content value: its text form; a `bytea` listed in `content_columns` as (lossy) UTF-8
 /// text, since base64 is not searchable.
-fn push_content(out: &mut String, plan: &TablePlan, row: &Row, i: usize, value: &Value) -> Result<(), String> {
+fn push_content(
+    out: &mut String,
+    plan: &TablePlan,
+    row: &Row,
+    i: usize,
+    value: &Value,
+) -> Result<(), String> {
     if plan.columns[i].kind == ColKind::Bytea {
         if let Some(bytes) = raw(row, i)? {
             out.push_str(&String::from_utf8_lossy(bytes));
@@ -495,7 +511,10 @@ mod tests {
     #[test]
     fn scalars_map_to_typed_json() {
         assert_eq!(decode(ColKind::Text, "héllo".as_bytes()), json!("héllo"));
-        assert_eq!(decode(ColKind::AsText, b"12345678901234567890.000000001"), json!("12345678901234567890.000000001"));
+        assert_eq!(
+            decode(ColKind::AsText, b"12345678901234567890.000000001"),
+            json!("12345678901234567890.000000001")
+        );
         assert_eq!(decode(ColKind::Bool, &[1]), json!(true));
         assert_eq!(decode(ColKind::Bool, &[0]), json!(false));
         assert_eq!(decode(ColKind::Int2, &(-2i16).to_be_bytes()), json!(-2));
@@ -559,9 +578,13 @@ mod tests {
         let one = 1i32.to_be_bytes();
         let two = 2i32.to_be_bytes();
         let int4 = ColKind::Array(Box::new(ColKind::Int4));
-        assert_eq!(decode(int4.clone(), &array(23, &[3], &[Some(&one), None, Some(&two)])), json!([1, null, 2]));
+        assert_eq!(
+            decode(int4.clone(), &array(23, &[3], &[Some(&one), None, Some(&two)])),
+            json!([1, null, 2])
+        );
         assert_eq!(decode(int4.clone(), &array(23, &[], &[])), json!([]));
-        let grid = array(23, &[2, 3], &[Some(&one), Some(&two), Some(&one), Some(&two), Some(&one), Some(&two)]);
+        let grid =
+            array(23, &[2, 3], &[Some(&one), Some(&two), Some(&one), Some(&two), Some(&one), Some(&two)]);
         assert_eq!(decode(int4.clone(), &grid), json!([[1, 2, 1], [2, 1, 2]]));
         let text = ColKind::Array(Box::new(ColKind::AsText));
         assert_eq!(decode(text, &array(25, &[2], &[Some(b"1.50"), Some(b"x")])), json!(["1.50", "x"]));
@@ -571,7 +594,13 @@ mod tests {
 
     #[test]
     fn type_oids_map_to_decoders() {
-        let col = |oid, elem| ColumnInfo { name: "c".into(), type_sql: String::new(), type_oid: oid, elem_oid: elem, not_null: true };
+        let col = |oid, elem| ColumnInfo {
+            name: "c".into(),
+            type_sql: String::new(),
+            type_oid: oid,
+            elem_oid: elem,
+            not_null: true,
+        };
         let cases = [
             (25, None, ColKind::Text),
             (1043, None, ColKind::Text),
@@ -591,8 +620,8 @@ mod tests {
             (114, None, ColKind::Json),
             (3802, None, ColKind::Jsonb),
             (17, None, ColKind::Bytea),
-            (1186, None, ColKind::AsText), // interval
-            (1083, None, ColKind::AsText), // time
+            (1186, None, ColKind::AsText),   // interval
+            (1083, None, ColKind::AsText),   // time
             (16_384, None, ColKind::AsText), // an enum or extension type
             (1007, Some(23), ColKind::Array(Box::new(ColKind::Int4))),
             (1231, Some(1700), ColKind::Array(Box::new(ColKind::AsText))),

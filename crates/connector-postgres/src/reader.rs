@@ -37,14 +37,17 @@ pub(crate) fn read_tables(
         let permits = Arc::new(Semaphore::new(shared.config.pool_size));
         let streams = tables.into_iter().map(|(table, cursor)| {
             let (tx, rx) = mpsc::channel::<Result<Batch>>(1);
-            let task = tokio::spawn(run_table(shared.clone(), permits.clone(), table.clone(), cursor, limits, tx));
+            let task =
+                tokio::spawn(run_table(shared.clone(), permits.clone(), table.clone(), cursor, limits, tx));
             let batches = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
             // A task that panicked ends its channel without an error; report it, or a full
             // sync would take the missing rows for deleted ones.
             let outcome = stream::once(task).filter_map(move |joined| {
                 let table = table.clone();
                 async move {
-                    joined.err().map(|e| Err(Error::internal(format!("reader of table {table:?} failed: {e}"))))
+                    joined
+                        .err()
+                        .map(|e| Err(Error::internal(format!("reader of table {table:?} failed: {e}"))))
                 }
             });
             batches.chain(outcome).boxed()

@@ -135,8 +135,10 @@ impl TablePlan {
             content
         };
 
-        let plan_columns: Vec<PlanColumn> =
-            columns.iter().map(|c| PlanColumn { name: c.name.clone(), kind: ColKind::for_column(c) }).collect();
+        let plan_columns: Vec<PlanColumn> = columns
+            .iter()
+            .map(|c| PlanColumn { name: c.name.clone(), kind: ColKind::for_column(c) })
+            .collect();
 
         let mut select: Vec<String> = plan_columns
             .iter()
@@ -161,8 +163,11 @@ impl TablePlan {
         let pk_text = text_source(pk_idx);
 
         let by_name = |names: &[&str]| names.iter().find_map(|n| columns.iter().position(|c| c.name == *n));
-        let id_prefix =
-            if config.schema == "public" { format!("{table}:") } else { format!("{}.{table}:", config.schema) };
+        let id_prefix = if config.schema == "public" {
+            format!("{table}:")
+        } else {
+            format!("{}.{table}:", config.schema)
+        };
         let url_prefix = format!(
             "postgres://{}:{}/{}/{}.{}#",
             url_host(&config.host),
@@ -176,8 +181,10 @@ impl TablePlan {
             table: table.to_string(),
             from: qualified(&config.schema, table),
             select_list: select.join(", "),
-            ts_sql: quote_ident(&columns[ts_idx].name),
-            pk_sql: quote_ident(&columns[pk_idx].name),
+            // Qualified: the select list may hold both "col" and "col"::text, whose output names
+            // would make a bare ORDER BY "col" ambiguous.
+            ts_sql: format!("t.{}", quote_ident(&columns[ts_idx].name)),
+            pk_sql: format!("t.{}", quote_ident(&columns[pk_idx].name)),
             ts_type: columns[ts_idx].type_sql.clone(),
             pk_type: columns[pk_idx].type_sql.clone(),
             ts_nullable: !columns[ts_idx].not_null,
@@ -211,7 +218,9 @@ impl TablePlan {
     /// A NOT NULL timestamp column needs only the second.
     pub fn phases(&self, cursor: Option<&KeysetCursor>) -> Vec<Phase> {
         match cursor {
-            None if self.ts_nullable => vec![Phase::NullTimestamps { after_pk: None }, Phase::Main { after: None }],
+            None if self.ts_nullable => {
+                vec![Phase::NullTimestamps { after_pk: None }, Phase::Main { after: None }]
+            }
             None => vec![Phase::Main { after: None }],
             Some(KeysetCursor { ts: None, pk }) if self.ts_nullable => {
                 vec![Phase::NullTimestamps { after_pk: Some(pk.clone()) }, Phase::Main { after: None }]
@@ -266,7 +275,7 @@ impl TablePlan {
             // A row without a key cannot be identified or resumed after; it is not synced.
             conditions.push(format!("{pk} IS NOT NULL"));
         }
-        let mut sql = format!("SELECT {} FROM {}", self.select_list, self.from);
+        let mut sql = format!("SELECT {} FROM {} AS t", self.select_list, self.from);
         if !conditions.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&conditions.join(" AND "));
@@ -335,11 +344,7 @@ pub(crate) fn url_encode_into(out: &mut String, s: &str) {
 }
 
 fn url_host(host: &str) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        url_encode(host)
-    }
+    if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { url_encode(host) }
 }
 
 #[cfg(test)]
@@ -393,18 +398,22 @@ mod tests {
         cfg.schema = "s\"; --".into();
         cfg.timestamp_column = "ts\"--".into();
         cfg.primary_key_column = "p\"k".into();
-        let cols = vec![col("p\"k", "integer", 23, true), col("ts\"--", "timestamp with time zone", 1184, true)];
+        let cols =
+            vec![col("p\"k", "integer", 23, true), col("ts\"--", "timestamp with time zone", 1184, true)];
         let plan = TablePlan::new(&cfg, evil, &cols).unwrap();
         let (sql, params) = plan.query(&Phase::Main { after: Some(("t".into(), "1".into())) });
         assert_eq!(
             sql,
-            "SELECT \"p\"\"k\", \"ts\"\"--\", \"ts\"\"--\"::text FROM \"s\"\"; --\".\"we\"\"ird; DROP TABLE x\" \
-             WHERE (\"ts\"\"--\", \"p\"\"k\") > ($1::text::timestamp with time zone, $2::text::integer) \
-             ORDER BY \"ts\"\"--\", \"p\"\"k\""
+            "SELECT \"p\"\"k\", \"ts\"\"--\", \"ts\"\"--\"::text FROM \"s\"\"; --\".\"we\"\"ird; DROP TABLE x\" AS t \
+             WHERE (t.\"ts\"\"--\", t.\"p\"\"k\") > ($1::text::timestamp with time zone, $2::text::integer) \
+             ORDER BY t.\"ts\"\"--\", t.\"p\"\"k\""
         );
         assert_eq!(params, ["t", "1"]);
         assert_eq!(plan.stream, "s\"; --.we\"ird; DROP TABLE x");
-        assert!(plan.url_prefix.starts_with("postgres://localhost:5432/myapp/s%22%3B%20--.we%22ird%3B%20DROP%20TABLE%20x#"));
+        assert!(
+            plan.url_prefix
+                .starts_with("postgres://localhost:5432/myapp/s%22%3B%20--.we%22ird%3B%20DROP%20TABLE%20x#")
+        );
     }
 
     #[test]
@@ -414,7 +423,7 @@ mod tests {
         assert_eq!(
             sql,
             "SELECT \"id\", \"title\", \"body\", \"price\"::text, \"blob\", \"updated_at\", \"updated_at\"::text \
-             FROM \"public\".\"docs\" ORDER BY \"updated_at\", \"id\""
+             FROM \"public\".\"docs\" AS t ORDER BY t.\"updated_at\", t.\"id\""
         );
         assert!(params.is_empty());
         assert_eq!(plan.ts_text, TextSource::Extra(6));
@@ -426,10 +435,11 @@ mod tests {
         assert_eq!(plan.id_prefix, "docs:");
         assert_eq!(plan.url_prefix, "postgres://localhost:5432/myapp/public.docs#");
 
-        let (sql, params) = plan.query(&Phase::Main { after: Some(("2024-01-01 00:00:00+00".into(), "7".into())) });
+        let (sql, params) =
+            plan.query(&Phase::Main { after: Some(("2024-01-01 00:00:00+00".into(), "7".into())) });
         assert!(sql.ends_with(
-            "WHERE (\"updated_at\", \"id\") > ($1::text::timestamp with time zone, $2::text::bigint) \
-             ORDER BY \"updated_at\", \"id\""
+            "WHERE (t.\"updated_at\", t.\"id\") > ($1::text::timestamp with time zone, $2::text::bigint) \
+             ORDER BY t.\"updated_at\", t.\"id\""
         ));
         assert_eq!(params, ["2024-01-01 00:00:00+00", "7"]);
     }
@@ -443,7 +453,10 @@ mod tests {
         cfg.schema = "app".into();
         let plan = TablePlan::new(&cfg, "docs", &cols).unwrap();
         assert_eq!(plan.id_prefix, "app.docs:");
-        assert_eq!(plan.phases(None), vec![Phase::NullTimestamps { after_pk: None }, Phase::Main { after: None }]);
+        assert_eq!(
+            plan.phases(None),
+            vec![Phase::NullTimestamps { after_pk: None }, Phase::Main { after: None }]
+        );
         let null_cursor = KeysetCursor { ts: None, pk: "k".into() };
         assert_eq!(
             plan.phases(Some(&null_cursor)),
@@ -454,13 +467,17 @@ mod tests {
 
         let (sql, params) = plan.query(&Phase::NullTimestamps { after_pk: Some("k".into()) });
         assert!(
-            sql.ends_with("WHERE \"updated_at\" IS NULL AND \"id\" > $1::text::uuid AND \"id\" IS NOT NULL ORDER BY \"id\""),
+            sql.ends_with(
+                "WHERE t.\"updated_at\" IS NULL AND t.\"id\" > $1::text::uuid AND t.\"id\" IS NOT NULL ORDER BY t.\"id\""
+            ),
             "{sql}"
         );
         assert_eq!(params, ["k"]);
         let (sql, _) = plan.query(&Phase::Main { after: None });
         assert!(
-            sql.ends_with("WHERE \"updated_at\" IS NOT NULL AND \"id\" IS NOT NULL ORDER BY \"updated_at\", \"id\""),
+            sql.ends_with(
+                "WHERE t.\"updated_at\" IS NOT NULL AND t.\"id\" IS NOT NULL ORDER BY t.\"updated_at\", t.\"id\""
+            ),
             "{sql}"
         );
 

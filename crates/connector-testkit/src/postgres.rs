@@ -216,10 +216,11 @@ impl PgServer {
                 }
             }
         }
-        if let Err(err) = fs::remove_dir_all(&owned.run_dir) {
-            if result.is_ok() && err.kind() != std::io::ErrorKind::NotFound {
-                result = Err(err).with_context(|| format!("removing {}", owned.run_dir.display()));
-            }
+        if let Err(err) = fs::remove_dir_all(&owned.run_dir)
+            && result.is_ok()
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            result = Err(err).with_context(|| format!("removing {}", owned.run_dir.display()));
         }
         result
     }
@@ -583,7 +584,8 @@ fn process_alive(pid: u32) -> bool {
         .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
 }
 
-fn running_as_root() -> bool {
+/// Whether this process runs as root (then the server runs as the `postgres` user).
+pub fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     // /proc/self belongs to the effective user; `id -u` where there is no /proc.
     match fs::metadata("/proc/self") {

@@ -16,8 +16,11 @@ async fn shared_server_creates_isolated_databases_and_runs_queries() -> Result<(
     let other = pg.create_database("testkit_query").await?;
     assert_ne!(db, other);
 
-    pg.execute_batch(&db, "CREATE TABLE t (id bigint PRIMARY KEY, body text); INSERT INTO t VALUES (1, 'a'), (2, 'b')")
-        .await?;
+    pg.execute_batch(
+        &db,
+        "CREATE TABLE t (id bigint PRIMARY KEY, body text); INSERT INTO t VALUES (1, 'a'), (2, 'b')",
+    )
+    .await?;
     let client = pg.client(&db).await?;
     let row = client.query_one("SELECT count(*), string_agg(body, ',' ORDER BY id) FROM t", &[]).await?;
     assert_eq!(row.get::<_, i64>(0), 2);

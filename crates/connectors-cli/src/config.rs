@@ -72,6 +72,7 @@ fn default_providers() -> Vec<String> {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read by `connectors run`; validated at load
 pub struct ServerSection {
     /// Address of the webhook / health / metrics server.
     pub listen: Option<String>,
@@ -132,6 +133,11 @@ pub fn load(path: &Path) -> Result<Loaded, CliError> {
     })?;
     let file: FileConfig =
         toml::from_str(&text).map_err(|e| CliError::usage(format!("{shown}: {}", e.to_string().trim_end())))?;
+    if let Some(listen) = &file.server.listen {
+        listen.parse::<std::net::SocketAddr>().map_err(|e| {
+            CliError::usage(format!("{shown}: server.listen: {listen:?} is not an address like 127.0.0.1:8080: {e}"))
+        })?;
+    }
     let credentials = credential_provider(path, &file.credentials)?;
     let ctx = ConnectorContext::new(credentials);
     let mut connectors: Vec<Arc<dyn Connector>> = Vec::new();
@@ -171,6 +177,14 @@ pub fn load(path: &Path) -> Result<Loaded, CliError> {
 }
 
 fn credential_provider(path: &Path, section: &CredentialsSection) -> Result<Arc<dyn CredentialProvider>, CliError> {
+    for (key, table) in [("vault", &section.vault), ("aws_secrets_manager", &section.aws_secrets_manager)] {
+        if table.is_some() {
+            return Err(CliError::usage(format!(
+                "{}: [credentials.{key}]: this provider is not available in this build yet; remove the table and use the \"env\" provider",
+                path.display()
+            )));
+        }
+    }
     match section.providers.as_slice() {
         [only] if only == "env" => Ok(Arc::new(EnvCredentialProvider::new())),
         [] => Err(CliError::usage(format!("{}: credentials.providers is empty; use [\"env\"]", path.display()))),

@@ -52,16 +52,15 @@ pub fn error_for_status(
     let wait = delay.map(|d| format!(", retry in {}", describe_wait(d))).unwrap_or_default();
     match code {
         401 => Error::auth(format!("authentication failed (HTTP 401) for {target}{tail}")),
-        403 if is_rate_limit_response(headers) => Error::rate_limited(
-            format!("rate limit exceeded (HTTP 403) for {target}{wait}{tail}"),
-            delay,
-        ),
+        403 if is_rate_limit_response(headers) => {
+            Error::rate_limited(format!("rate limit exceeded (HTTP 403) for {target}{wait}{tail}"), delay)
+        }
         403 => Error::auth(format!("permission denied (HTTP 403) for {target}{tail}")),
         404 | 410 => Error::not_found(format!("not found (HTTP {code}) for {target}{tail}")),
         429 => Error::rate_limited(format!("rate limited (HTTP 429) for {target}{wait}{tail}"), delay),
-        501 | 505 => {
-            Error::source_error(format!("request not supported by the server (HTTP {code}) for {target}{tail}"))
-        }
+        501 | 505 => Error::source_error(format!(
+            "request not supported by the server (HTTP {code}) for {target}{tail}"
+        )),
         500..=599 => {
             let e = Error::transient(format!("server error (HTTP {code}) for {target}{wait}{tail}"));
             match delay {
@@ -172,6 +171,8 @@ mod tests {
     use crate::error::{ErrorKind, RetryClass};
     use reqwest::header::HeaderValue;
 
+    type Pairs<'a> = Vec<(&'static str, &'a str)>;
+
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -190,7 +191,7 @@ mod tests {
             .to_string();
         let gh_limit = [("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", in_an_hour.as_str())];
         // (status, headers, expected kind, retried, expected message)
-        let table: Vec<(u16, Vec<(&'static str, &str)>, ErrorKind, bool, &str)> = vec![
+        let table: Vec<(u16, Pairs, ErrorKind, bool, &str)> = vec![
             (
                 401,
                 vec![],
@@ -211,7 +212,13 @@ mod tests {
             (404, vec![], ErrorKind::NotFound, false, "not found (HTTP 404) for GET /repos/o/r/issues"),
             (410, vec![], ErrorKind::NotFound, false, "not found (HTTP 410)"),
             (429, vec![("retry-after", "1")], ErrorKind::RateLimited, true, "rate limited (HTTP 429)"),
-            (429, vec![], ErrorKind::RateLimited, true, "rate limited (HTTP 429) for GET /repos/o/r/issues: "),
+            (
+                429,
+                vec![],
+                ErrorKind::RateLimited,
+                true,
+                "rate limited (HTTP 429) for GET /repos/o/r/issues: ",
+            ),
             (500, vec![], ErrorKind::Transient, true, "server error (HTTP 500) for GET /repos/o/r/issues"),
             (502, vec![], ErrorKind::Transient, true, "server error (HTTP 502)"),
             (503, vec![("retry-after", "2")], ErrorKind::Transient, true, "server error (HTTP 503)"),
@@ -235,10 +242,22 @@ mod tests {
         }
 
         // Delays travel in the error.
-        let e = error_for_status(&Method::GET, &url, StatusCode::TOO_MANY_REQUESTS, &headers(&[("retry-after", "1")]), "");
+        let e = error_for_status(
+            &Method::GET,
+            &url,
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers(&[("retry-after", "1")]),
+            "",
+        );
         assert_eq!(e.retry_class(), RetryClass::After(Duration::from_secs(1)));
         assert_eq!(e.to_string(), "rate limited (HTTP 429) for GET /repos/o/r/issues, retry in 1s");
-        let e = error_for_status(&Method::GET, &url, StatusCode::SERVICE_UNAVAILABLE, &headers(&[("retry-after", "2")]), "");
+        let e = error_for_status(
+            &Method::GET,
+            &url,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &headers(&[("retry-after", "2")]),
+            "",
+        );
         assert_eq!(e.retry_class(), RetryClass::After(Duration::from_secs(2)));
         let e = error_for_status(&Method::GET, &url, StatusCode::FORBIDDEN, &headers(&gh_limit), "");
         let RetryClass::After(d) = e.retry_class() else { panic!("{e:?}") };
@@ -251,7 +270,7 @@ mod tests {
     #[test]
     fn retry_delay_parsing() {
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let cases: Vec<(Vec<(&'static str, &str)>, Option<Duration>)> = vec![
+        let cases: Vec<(Pairs, Option<Duration>)> = vec![
             (vec![("retry-after", "1")], Some(Duration::from_secs(1))),
             (vec![("retry-after", " 120 ")], Some(Duration::from_secs(120))),
             (vec![("retry-after", "0.5")], Some(Duration::from_millis(500))),
@@ -260,15 +279,25 @@ mod tests {
             // 1_700_000_000 is Tue, 14 Nov 2023 22:13:20 GMT.
             (vec![("retry-after", "Tue, 14 Nov 2023 22:13:50 GMT")], Some(Duration::from_secs(30))),
             (vec![("retry-after", "Tue, 14 Nov 2023 22:00:00 GMT")], Some(Duration::ZERO)),
-            (vec![("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1700000042")], Some(Duration::from_secs(42))),
+            (
+                vec![("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1700000042")],
+                Some(Duration::from_secs(42)),
+            ),
             (vec![("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1699999000")], Some(Duration::ZERO)),
-            (vec![("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "30")], Some(Duration::from_secs(30))),
+            (
+                vec![("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "30")],
+                Some(Duration::from_secs(30)),
+            ),
             (vec![("x-ratelimit-remaining", "5"), ("x-ratelimit-reset", "1700000042")], None),
             (vec![("x-ratelimit-reset", "1700000042")], None),
             (vec![("x-ratelimit-remaining", "0")], None),
             // Retry-After wins over the reset time.
             (
-                vec![("retry-after", "7"), ("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1700000042")],
+                vec![
+                    ("retry-after", "7"),
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", "1700000042"),
+                ],
                 Some(Duration::from_secs(7)),
             ),
             (vec![], None),
@@ -281,7 +310,10 @@ mod tests {
     #[test]
     fn excerpts_are_short_and_single_line() {
         assert_eq!(body_excerpt(b""), "");
-        assert_eq!(body_excerpt(b"  {\"message\":\n\t\"Bad credentials\"}\r\n"), "{\"message\": \"Bad credentials\"}");
+        assert_eq!(
+            body_excerpt(b"  {\"message\":\n\t\"Bad credentials\"}\r\n"),
+            "{\"message\": \"Bad credentials\"}"
+        );
         assert_eq!(body_excerpt(b"bad \x1b[31m\xff utf8"), "bad [31m\u{fffd} utf8");
         let long = "é".repeat(10_000);
         let e = body_excerpt(long.as_bytes());

@@ -45,9 +45,8 @@ struct Link<'a> {
 fn parse_link_header(value: &str) -> Vec<Link<'_>> {
     let mut links = Vec::new();
     let mut rest = value;
-    loop {
-        // Skip separators (and anything malformed) up to the next `<`.
-        let Some(start) = rest.find('<') else { break };
+    // Skip separators (and anything malformed) up to the next `<`.
+    while let Some(start) = rest.find('<') {
         rest = &rest[start + 1..];
         let Some(end) = rest.find('>') else { break };
         let target = rest[..end].trim();
@@ -157,7 +156,8 @@ mod tests {
         assert_eq!(find_link(&h, "last", None).unwrap().as_str(), "https://x.test/b?labels=bug,help&page=2");
         assert_eq!(find_link(&h, "prev", None).unwrap().as_str(), "https://x.test/a?labels=bug,help");
         // `title` containing `rel="next"` text must not count as a rel.
-        let tricky = headers(&[r#"<https://x.test/no>; title="rel=\"next\"", <https://x.test/yes>; rel="next""#]);
+        let tricky =
+            headers(&[r#"<https://x.test/no>; title="rel=\"next\"", <https://x.test/yes>; rel="next""#]);
         assert_eq!(next_link(&tricky).unwrap().as_str(), "https://x.test/yes");
         // Only the first rel parameter counts.
         let double = headers(&[r#"<https://x.test/p>; rel="prev"; rel="next""#]);
@@ -169,7 +169,10 @@ mod tests {
         let h = headers(&[r#"</api/items?cursor=abc>; rel="next""#]);
         assert_eq!(next_link(&h), None);
         let base = Url::parse("https://x.test/api/items?cursor=start").unwrap();
-        assert_eq!(find_link(&h, "next", Some(&base)).unwrap().as_str(), "https://x.test/api/items?cursor=abc");
+        assert_eq!(
+            find_link(&h, "next", Some(&base)).unwrap().as_str(),
+            "https://x.test/api/items?cursor=abc"
+        );
     }
 
     #[test]

@@ -9,13 +9,13 @@
 //!
 //! ```no_run
 //! # async fn demo() -> connector_core::Result<()> {
-//! use connector_core::http::{Auth, HttpClient, HttpConfig};
+//! use connector_core::http::{Auth, HttpClient, HttpConfig, Url};
 //!
 //! let client = HttpClient::builder()
 //!     .config(HttpConfig { requests_per_second: Some(10.0), ..HttpConfig::default() })
 //!     .auth(Auth::bearer("ghp_..."))
 //!     .build()?;
-//! let mut url = Some("https://api.github.com/repos/o/r/issues?per_page=100".parse().unwrap());
+//! let mut url = Some(Url::parse("https://api.github.com/repos/o/r/issues?per_page=100").unwrap());
 //! while let Some(page_url) = url {
 //!     let page = client.get_json_page::<Vec<serde_json::Value>>(page_url).await?;
 //!     // ... turn page.value into documents ...
@@ -457,7 +457,14 @@ impl HttpClient {
         Err(Failure { error: self.status_error(method, &url, status, &headers, &body), status: Some(status) })
     }
 
-    fn status_error(&self, method: &Method, url: &Url, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Error {
+    fn status_error(
+        &self,
+        method: &Method,
+        url: &Url,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Error {
         if let Some(hook) = &self.inner.error_hook
             && let Some(error) = hook(status, headers, &String::from_utf8_lossy(body))
         {

@@ -97,6 +97,10 @@ impl fmt::Debug for Response {
 
 /// The result of a conditional GET ([`HttpClient::get_conditional`](super::HttpClient::get_conditional)).
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a short-lived return value; boxing would only add an allocation"
+)]
 pub enum Conditional {
     /// `304 Not Modified`: what the caller has is current.
     NotModified,

@@ -30,10 +30,12 @@ fn fast() -> HttpConfig {
 }
 
 fn client(config: HttpConfig) -> HttpClient {
+    init_tracing();
     HttpClient::builder().config(config).auth(Auth::bearer(TOKEN)).build().unwrap()
 }
 
 async fn serve(router: Router) -> String {
+    init_tracing();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
@@ -153,7 +155,9 @@ async fn http_500_forever_gives_up_with_transient_error() {
     assert_eq!(hits.count(), 3);
     let text = err.to_string();
     assert!(
-        text.starts_with("gave up after 3 attempts: server error (HTTP 500) for GET /repos/o/r: internal xxx"),
+        text.starts_with(
+            "gave up after 3 attempts: server error (HTTP 500) for GET /repos/o/r: internal xxx"
+        ),
         "{text}"
     );
     assert!(text.ends_with('…') && text.len() < 400, "{text}");
@@ -169,7 +173,10 @@ async fn http_401_is_auth_error_without_retry() {
     let c = client(fast());
     let err = c.get_json::<serde_json::Value>(format!("{base}/user")).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Auth);
-    assert_eq!(err.to_string(), r#"authentication failed (HTTP 401) for GET /user: {"message":"Bad credentials"}"#);
+    assert_eq!(
+        err.to_string(),
+        r#"authentication failed (HTTP 401) for GET /user: {"message":"Bad credentials"}"#
+    );
     assert_eq!(hits.count(), 1);
     assert_eq!(c.stats().requests, 1);
     assert!(!format!("{err:?} {err}").contains(TOKEN));
@@ -259,6 +266,7 @@ async fn timeouts_are_retried_then_transient() {
 
 /// A raw HTTP/1.1 server: the first connection gets a body shorter than its Content-Length.
 async fn truncating_server() -> (String, Arc<AtomicUsize>) {
+    init_tracing();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
@@ -375,7 +383,8 @@ async fn rate_limiter_spaces_requests() {
 #[tokio::test]
 async fn rate_limit_wait_too_long_fails_at_once() {
     let hits = Hits::default();
-    let base = serve(route(&hits, |_| reply(429, &[("retry-after", "3600".into())], "quota exhausted"))).await;
+    let base =
+        serve(route(&hits, |_| reply(429, &[("retry-after", "3600".into())], "quota exhausted"))).await;
     let c = client(HttpConfig { max_retry_wait: Duration::from_secs(1), ..fast() });
     let started = Instant::now();
     let err = c.send(c.get(format!("{base}/x"))).await.unwrap_err();
@@ -439,10 +448,7 @@ async fn error_hook_refines_and_can_make_errors_retryable() {
     assert_eq!(hits.count(), 2);
     let err = c.send(c.post(format!("{base}/databases/q"))).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
-    assert_eq!(
-        err.to_string(),
-        "HTTP 400 for POST /databases/q: validation_error: body.filter is invalid"
-    );
+    assert_eq!(err.to_string(), "HTTP 400 for POST /databases/q: validation_error: body.filter is invalid");
     assert_eq!(hits.count(), 3);
 }
 
@@ -538,7 +544,9 @@ async fn connection_refused_is_retried_and_hides_the_query() {
     };
     let c = client(HttpConfig { max_retries: 2, ..fast() });
     let err = c
-        .get_json::<serde_json::Value>(format!("http://127.0.0.1:{port}/api/v1/items?access_token=qs-secret-1"))
+        .get_json::<serde_json::Value>(format!(
+            "http://127.0.0.1:{port}/api/v1/items?access_token=qs-secret-1"
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Transient);
@@ -553,8 +561,39 @@ async fn connection_refused_is_retried_and_hides_the_query() {
     assert_eq!(err.kind(), ErrorKind::Config);
 }
 
-/// Captures the events of this crate into strings.
-struct Capture(Arc<Mutex<Vec<String>>>);
+/// Captures this crate's events into the sink of the thread that emits them.
+///
+/// Installed once as the global default, before any test sends a request: with a scoped
+/// (`set_default`) subscriber, a callsite first hit by another test thread at the moment the
+/// scoped subscriber registers can cache `Interest::never` and its events are lost.
+struct Capture;
+
+thread_local! {
+    static SINK: std::cell::RefCell<Option<Arc<Mutex<Vec<String>>>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn init_tracing() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        // Another test may have installed a global subscriber first; the log test then fails
+        // loudly instead of passing silently.
+        let _ = tracing::subscriber::set_global_default(Capture);
+    });
+}
+
+/// Collects the events emitted on this thread until the guard is dropped.
+fn capture_events() -> (Arc<Mutex<Vec<String>>>, impl Drop) {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SINK.with(|s| *s.borrow_mut() = None);
+        }
+    }
+    init_tracing();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    SINK.with(|s| *s.borrow_mut() = Some(lines.clone()));
+    (lines, Reset)
+}
 
 struct Fields<'a>(&'a mut String);
 
@@ -565,8 +604,8 @@ impl tracing::field::Visit for Fields<'_> {
 }
 
 impl tracing::Subscriber for Capture {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.target().starts_with("connector_core")
     }
     fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
         tracing::span::Id::from_u64(1)
@@ -574,12 +613,10 @@ impl tracing::Subscriber for Capture {
     fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
     fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
     fn event(&self, event: &tracing::Event<'_>) {
-        if !event.metadata().target().starts_with("connector_core") {
-            return;
-        }
+        let Some(sink) = SINK.with(|s| s.borrow().clone()) else { return };
         let mut line = format!("{} ", event.metadata().level());
         event.record(&mut Fields(&mut line));
-        self.0.lock().unwrap().push(line);
+        sink.lock().unwrap().push(line);
     }
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
@@ -587,8 +624,7 @@ impl tracing::Subscriber for Capture {
 
 #[tokio::test]
 async fn secrets_and_queries_never_reach_debug_errors_or_logs() {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let _guard = tracing::subscriber::set_default(Capture(lines.clone()));
+    let (lines, _guard) = capture_events();
 
     let hits = Hits::default();
     let base = serve(route(&hits, |n| match n {
@@ -613,7 +649,10 @@ async fn secrets_and_queries_never_reach_debug_errors_or_logs() {
     // One debug event per attempt and one warning per retry.
     assert_eq!(lines.iter().filter(|l| l.starts_with("DEBUG")).count(), 3, "{all}");
     assert_eq!(lines.iter().filter(|l| l.starts_with("WARN")).count(), 1, "{all}");
-    assert!(all.contains("path=/repos/o/r") && all.contains("status=502") && all.contains("attempt=2"), "{all}");
+    assert!(
+        all.contains("path=/repos/o/r") && all.contains("status=502") && all.contains("attempt=2"),
+        "{all}"
+    );
     assert!(all.contains("wait_ms="), "{all}");
     for forbidden in [TOKEN, "qs-secret", "access_token", "Bearer", "authorization"] {
         assert!(!all.contains(forbidden), "{forbidden} in logs: {all}");

@@ -66,7 +66,8 @@ fn start() -> Option<Server> {
         eprintln!("{msg}");
         return None;
     };
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false);
+    let is_root =
+        Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false);
     let root = tempfile::Builder::new().prefix("connector-postgres-test-").tempdir().unwrap().keep();
     let data = root.join("data");
     let socket_dir = root.join("sock");
@@ -75,7 +76,11 @@ fn start() -> Option<Server> {
         run(false, Path::new("chown"), &["-R", "postgres:postgres", root.to_str().unwrap()]);
     }
     let data_s = data.to_str().unwrap();
-    run(is_root, &bin.join("initdb"), &["-D", data_s, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+    run(
+        is_root,
+        &bin.join("initdb"),
+        &["-D", data_s, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+    );
     // pwuser must give a password over TCP; everyone else is trusted.
     std::fs::write(
         data.join("pg_hba.conf"),
@@ -88,7 +93,11 @@ fn start() -> Option<Server> {
         socket_dir.display()
     );
     let log = root.join("server.log");
-    run(is_root, &bin.join("pg_ctl"), &["-D", data_s, "-o", &opts, "-l", log.to_str().unwrap(), "-w", "start"]);
+    run(
+        is_root,
+        &bin.join("pg_ctl"),
+        &["-D", data_s, "-o", &opts, "-l", log.to_str().unwrap(), "-w", "start"],
+    );
 
     // Stop the server and remove its files once this test process is gone.
     let pg_ctl = bin.join("pg_ctl");
@@ -97,12 +106,15 @@ fn start() -> Option<Server> {
     } else {
         format!("{} -D {data_s} -m immediate stop", pg_ctl.display())
     };
+    // The watchdog runs in the background of a shell that exits at once: it outlives us.
     let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {root}",
+        "(while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {root}) \
+         </dev/null >/dev/null 2>&1 &",
         pid = std::process::id(),
         root = root.display()
     );
-    Command::new("sh").args(["-c", &script]).spawn().unwrap();
+    let status = Command::new("sh").args(["-c", &script]).status().unwrap();
+    assert!(status.success(), "starting the server watchdog failed");
     Some(Server { port, socket_dir })
 }
 
@@ -141,7 +153,11 @@ impl Server {
         PostgresConfig {
             host: "127.0.0.1".into(),
             port: self.port,
-            ..PostgresConfig::new(TenantId::new("t1").unwrap(), db, tables.iter().map(|t| t.to_string()).collect())
+            ..PostgresConfig::new(
+                TenantId::new("t1").unwrap(),
+                db,
+                tables.iter().map(|t| t.to_string()).collect(),
+            )
         }
     }
 }
