@@ -219,7 +219,19 @@ async fn full_incremental_no_change_deletes_and_search() {
     let out = env.run(&config, &["export", "--tenant", "workspace-1"]);
     let docs = json_lines(&out);
     assert_eq!(docs.len(), 3150);
-    for key in ["id", "tenant_id", "connector_id", "kind", "title", "content", "url", "author", "created_at", "updated_at", "metadata"] {
+    for key in [
+        "id",
+        "tenant_id",
+        "connector_id",
+        "kind",
+        "title",
+        "content",
+        "url",
+        "author",
+        "created_at",
+        "updated_at",
+        "metadata",
+    ] {
         assert!(docs[0].get(key).is_some(), "export lacks {key}: {}", docs[0]);
     }
     assert!(!docs.iter().any(|d| d["url"].as_str().unwrap_or("").contains(READER_PASSWORD)));
@@ -237,7 +249,8 @@ async fn two_tenants_never_see_each_other() {
     let env = Env::new("e2e_tenants").await;
     env.documents_table("alpha", 50, 0).await;
     env.documents_table("bravo", 70, 0).await;
-    env.sql("UPDATE alpha SET body = body || ' alphaonly'; UPDATE bravo SET body = body || ' bravoonly';").await;
+    env.sql("UPDATE alpha SET body = body || ' alphaonly'; UPDATE bravo SET body = body || ' bravoonly';")
+        .await;
     let config = env.write_config(&format!(
         "{}\n{}",
         env.pg_connector("a-docs", "tenant-a", &["alpha"]),
@@ -275,7 +288,8 @@ async fn kill_9_mid_sync_then_resume_gives_exactly_the_table() {
     let config = env.write_config(&env.pg_connector("big-db", "t", &["big"]));
     let state_file = env.home().join("sync_state/big-db_t.json");
 
-    let mut child = env.command(&config, &["sync"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        env.command(&config, &["sync"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     // Kill once a few checkpoints are durable but well before the end.
     let started = Instant::now();
     loop {
@@ -338,7 +352,10 @@ async fn configuration_errors_exit_2_and_name_the_problem() {
     let out = env.run(&config, &["sync"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let msg = text(&out);
-    assert!(msg.contains("connectors.toml") && msg.contains("connectors[0]") && msg.contains("tabels"), "{msg}");
+    assert!(
+        msg.contains("connectors.toml") && msg.contains("connectors[0]") && msg.contains("tabels"),
+        "{msg}"
+    );
 
     let config = env.write_config(&good.replace("\"workspace-1\"", "\"../x\""));
     let out = env.run(&config, &["sync"]);
@@ -370,7 +387,8 @@ async fn connection_errors_exit_1_without_leaking_the_password() {
     // Unreachable host: a port nothing listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = env.write_config(
-        &env.pg_connector("docs-db", "workspace-1", &["documents"]).replace(&format!("port = {}", env.server.port()), &format!("port = {closed}")),
+        &env.pg_connector("docs-db", "workspace-1", &["documents"])
+            .replace(&format!("port = {}", env.server.port()), &format!("port = {closed}")),
     );
     let out = env.run(&config, &["sync", "--max-retries", "0"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -381,7 +399,12 @@ async fn connection_errors_exit_1_without_leaking_the_password() {
     // Wrong password.
     let config = env.write_config(&env.pg_connector("docs-db", "workspace-1", &["documents"]));
     let wrong = "wrong-Pw-55xq-should-not-print";
-    let out = env.command(&config, &["sync"]).env("ARAGORA_POSTGRES_PASSWORD", wrong).env("RUST_LOG", "trace").output().unwrap();
+    let out = env
+        .command(&config, &["sync"])
+        .env("ARAGORA_POSTGRES_PASSWORD", wrong)
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let msg = text(&out);
     assert!(msg.contains("authentication failed"), "{msg}");

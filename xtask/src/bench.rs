@@ -20,7 +20,7 @@ const DEFAULT_ROWS: u64 = 1_000_000;
 const COPY_QUERY: &str = "SELECT id, title, body, summary, author, tags, created_at, updated_at \
                           FROM documents ORDER BY updated_at, id";
 /// Fields of `sync --json` that say where the time went, printed when the CLI reports them.
-const PHASES: &[&str] = &["read_ms", "write_ms", "index_ms"];
+const PHASES: &[&str] = &["read_ms", "write_ms", "index_ms", "state_ms"];
 
 pub fn run(mut args: Vec<String>) -> Result<()> {
     let rows = match util::take_option(&mut args, "--rows")? {

@@ -95,10 +95,9 @@ impl CredentialProvider for EnvCredentialProvider {
         match std::env::var(self.variable(key)) {
             Ok(v) if !v.is_empty() => Ok(Some(SecretString::from(v))),
             Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(std::env::VarError::NotUnicode(_)) => Err(Error::config(format!(
-                "environment variable {} is not valid UTF-8",
-                self.variable(key)
-            ))),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(Error::config(format!("environment variable {} is not valid UTF-8", self.variable(key))))
+            }
         }
     }
 
@@ -161,9 +160,10 @@ impl CredentialProvider for StaticCredentialProvider {
 
 /// Reads a credential that must exist, with an error that says where it was looked for.
 pub async fn require_credential(provider: &dyn CredentialProvider, key: &str) -> Result<SecretString> {
-    provider.get_credential(key).await?.ok_or_else(|| {
-        Error::auth(format!("missing credential `{key}`: set {}", provider.location_of(key)))
-    })
+    provider
+        .get_credential(key)
+        .await?
+        .ok_or_else(|| Error::auth(format!("missing credential `{key}`: set {}", provider.location_of(key))))
 }
 
 #[cfg(test)]

@@ -32,7 +32,12 @@ pub struct Document {
 
 impl Document {
     /// A document with the required fields; the rest empty.
-    pub fn new(id: impl Into<String>, kind: impl Into<String>, title: impl Into<String>, content: impl Into<String>) -> Self {
+    pub fn new(
+        id: impl Into<String>,
+        kind: impl Into<String>,
+        title: impl Into<String>,
+        content: impl Into<String>,
+    ) -> Self {
         Self {
             id: id.into(),
             kind: kind.into(),

@@ -202,7 +202,11 @@ impl Pending {
 
 impl SyncEngine {
     /// An engine for `connector`, writing to `store` and keeping state in `state`.
-    pub fn new(connector: Arc<dyn Connector>, store: Arc<dyn KnowledgeStore>, state: Arc<dyn StateStore>) -> Self {
+    pub fn new(
+        connector: Arc<dyn Connector>,
+        store: Arc<dyn KnowledgeStore>,
+        state: Arc<dyn StateStore>,
+    ) -> Self {
         Self {
             connector,
             store,
@@ -218,9 +222,13 @@ impl SyncEngine {
     /// An engine with the defaults: the embedded store at `$ARAGORA_HOME/knowledge.db` and JSON
     /// state files in `state_dir` (default `$ARAGORA_HOME/sync_state`).
     #[cfg(feature = "sqlite")]
-    pub async fn with_defaults(connector: Arc<dyn Connector>, state_dir: Option<std::path::PathBuf>) -> Result<Self> {
+    pub async fn with_defaults(
+        connector: Arc<dyn Connector>,
+        state_dir: Option<std::path::PathBuf>,
+    ) -> Result<Self> {
         let store = crate::store::SqliteKnowledgeStore::open(crate::home::default_store_path()).await?;
-        let state = crate::state::JsonFileStateStore::new(state_dir.unwrap_or_else(crate::home::default_state_dir));
+        let state =
+            crate::state::JsonFileStateStore::new(state_dir.unwrap_or_else(crate::home::default_state_dir));
         Ok(Self::new(connector, Arc::new(store), Arc::new(state)))
     }
 
@@ -305,7 +313,12 @@ impl SyncEngine {
         }
     }
 
-    async fn sync_inner(&self, options: &SyncOptions, counters: &mut Counters, full_sync: &mut bool) -> Result<()> {
+    async fn sync_inner(
+        &self,
+        options: &SyncOptions,
+        counters: &mut Counters,
+        full_sync: &mut bool,
+    ) -> Result<()> {
         if self.running.swap(true, Ordering::SeqCst) {
             return Err(Error::new(
                 ErrorKind::Config,
@@ -323,12 +336,16 @@ impl SyncEngine {
         self.progress.store(0, Ordering::Relaxed);
         let run_started_at = Utc::now();
 
-        let mut state = self.state.load(&cid, &tid).await?.unwrap_or_else(|| SyncState::new(cid.clone(), tid.clone()));
+        let mut state =
+            self.state.load(&cid, &tid).await?.unwrap_or_else(|| SyncState::new(cid.clone(), tid.clone()));
         let incremental = self.connector.capabilities().incremental;
         state.generation += 1;
         if options.full_sync || !incremental || (state.last_sync_at.is_none() && state.full_sync.is_none()) {
-            state.full_sync =
-                Some(FullSyncProgress { generation: state.generation, started_at: run_started_at, cursors: Cursors::new() });
+            state.full_sync = Some(FullSyncProgress {
+                generation: state.generation,
+                started_at: run_started_at,
+                cursors: Cursors::new(),
+            });
         } else if let Some(full) = &state.full_sync {
             tracing::info!(connector = %cid, tenant = %tid, generation = full.generation, "resuming an interrupted full sync");
         }
@@ -532,7 +549,8 @@ impl SyncEngine {
                     ChangeOutcome::DeleteMissing => {}
                 }
             }
-            state.items_synced += applied.count(ChangeOutcome::Inserted) + applied.count(ChangeOutcome::Updated);
+            state.items_synced +=
+                applied.count(ChangeOutcome::Inserted) + applied.count(ChangeOutcome::Updated);
             if let Some(last) = pending.changes.last() {
                 state.last_item_id = Some(last.id().to_owned());
             }
@@ -563,6 +581,6 @@ impl SyncEngine {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sqlite"))]
 #[path = "engine_tests.rs"]
 mod tests;

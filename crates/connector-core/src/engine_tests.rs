@@ -87,10 +87,15 @@ impl Connector for FakeSource {
                 let batch = Batch {
                     changes: chunk
                         .iter()
-                        .map(|(_, (id, text))| Change::Upsert(Document::new(id.clone(), "row", id.clone(), text.clone())))
+                        .map(|(_, (id, text))| {
+                            Change::Upsert(Document::new(id.clone(), "row", id.clone(), text.clone()))
+                        })
                         .collect(),
                     failures: vec![],
-                    checkpoint: Some(Checkpoint { stream: "rows".into(), cursor: serde_json::json!(chunk.last().unwrap().0) }),
+                    checkpoint: Some(Checkpoint {
+                        stream: "rows".into(),
+                        cursor: serde_json::json!(chunk.last().unwrap().0),
+                    }),
                 };
                 let mut out = vec![Ok(batch)];
                 if i as u32 + 1 == fail_after {

@@ -80,12 +80,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            retry_after: None,
-            source: None,
-        }
+        Self { kind, message: message.into(), retry_after: None, source: None }
     }
 
     /// A configuration error.

@@ -30,10 +30,7 @@ fn validate(what: &str, value: &str) -> Result<(), String> {
     if value.starts_with('.') || value.starts_with('-') {
         return Err(format!("{what} {value:?} must not start with `.` or `-`"));
     }
-    if let Some(bad) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
+    if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
         return Err(format!(
             "{what} {value:?} contains {bad:?}; only ASCII letters, digits, `-`, `_` and `.` are allowed"
         ));
@@ -115,11 +112,7 @@ impl ConnectorId {
         let mut out = String::new();
         for part in parts {
             for c in part.chars() {
-                let c = if c.is_ascii_alphanumeric() || c == '_' {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                };
+                let c = if c.is_ascii_alphanumeric() || c == '_' { c.to_ascii_lowercase() } else { '-' };
                 if c == '-' && (out.is_empty() || out.ends_with('-')) {
                     continue;
                 }
@@ -153,7 +146,8 @@ mod tests {
 
     #[test]
     fn rejects_path_tricks_and_bad_characters() {
-        for bad in ["", "../x", "..", "a/b", "a\\b", ".hidden", "-flag", "a b", "é", &"x".repeat(129), "a..b"] {
+        for bad in ["", "../x", "..", "a/b", "a\\b", ".hidden", "-flag", "a b", "é", &"x".repeat(129), "a..b"]
+        {
             let err = TenantId::new(bad).unwrap_err().to_string();
             assert!(err.contains("tenant_id"), "{bad:?}: {err}");
         }

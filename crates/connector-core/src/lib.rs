@@ -12,20 +12,20 @@ pub mod home;
 #[cfg(feature = "http")]
 pub mod http;
 
-
-
 pub mod ids;
 pub mod state;
 pub mod store;
 
-pub use connector::{Batch, Capabilities, Checkpoint, Connector, ConnectorContext, Cursor, Cursors, ReadMode, ReadRequest};
-pub use credentials::{CredentialProvider, EnvCredentialProvider, ExposeSecret, SecretString, StaticCredentialProvider};
+pub use connector::{
+    Batch, Capabilities, Checkpoint, Connector, ConnectorContext, Cursor, Cursors, ReadMode, ReadRequest,
+};
+pub use credentials::{
+    CredentialProvider, EnvCredentialProvider, ExposeSecret, SecretString, StaticCredentialProvider,
+};
 pub use document::{Change, Document, ItemFailure};
 
 pub use error::{Error, ErrorKind, Result, RetryClass};
 pub use ids::{ConnectorId, TenantId};
-
-
 
 /// Re-exports for connector crates, so they share core's versions.
 pub mod reexports {

@@ -336,6 +336,7 @@ impl StateStore for JsonFileStateStore {
     }
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 const STATE_TABLE_SQL: &str = "CREATE TABLE IF NOT EXISTS connector_sync_state (
     connector_id TEXT NOT NULL,
     tenant_id TEXT NOT NULL,
@@ -344,10 +345,12 @@ const STATE_TABLE_SQL: &str = "CREATE TABLE IF NOT EXISTS connector_sync_state (
     PRIMARY KEY (connector_id, tenant_id)
 )";
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 const STATE_UPSERT_SQL: &str = "INSERT INTO connector_sync_state (connector_id, tenant_id, state, updated_at)
     VALUES ($1, $2, $3, $4)
     ON CONFLICT (connector_id, tenant_id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at";
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 macro_rules! sql_state_store {
     ($(#[$doc:meta])* $name:ident, $pool:ty, $label:literal) => {
         $(#[$doc])*

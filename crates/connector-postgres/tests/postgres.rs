@@ -48,7 +48,7 @@ fn advance(cursors: &mut Cursors, batches: &[Batch]) {
 
 #[tokio::test]
 async fn documents_carry_typed_columns() {
-    let server = require_server!();
+    let server = common::server().await;
     server
         .database(
             "types",
@@ -104,7 +104,7 @@ async fn documents_carry_typed_columns() {
     assert_eq!(d.author.as_deref(), Some("ann"));
     assert_eq!(
         d.url.as_deref(),
-        Some(format!("postgres://127.0.0.1:{}/types/public.documents#1", server.port).as_str())
+        Some(format!("postgres://127.0.0.1:{}/pgconn_types/public.documents#1", server.port()).as_str())
     );
     assert_eq!(d.created_at.unwrap().to_rfc3339(), "2024-01-01T01:00:00+00:00");
     assert_eq!(d.updated_at.unwrap().to_rfc3339(), "2024-05-01T12:00:00.500+00:00");
@@ -143,7 +143,7 @@ async fn documents_carry_typed_columns() {
 
 #[tokio::test]
 async fn shared_timestamps_are_neither_skipped_nor_repeated() {
-    let server = require_server!();
+    let server = common::server().await;
     let admin = server
         .database(
             "keyset",
@@ -192,7 +192,7 @@ async fn shared_timestamps_are_neither_skipped_nor_repeated() {
 
 #[tokio::test]
 async fn any_key_type_and_nullable_timestamps_resume_exactly() {
-    let server = require_server!();
+    let server = common::server().await;
     server
         .database(
             "keys",
@@ -237,7 +237,7 @@ async fn any_key_type_and_nullable_timestamps_resume_exactly() {
 
 #[tokio::test]
 async fn hostile_names_are_quoted() {
-    let server = require_server!();
+    let server = common::server().await;
     let admin = server
         .database(
             "names",
@@ -269,7 +269,7 @@ async fn hostile_names_are_quoted() {
 
 #[tokio::test]
 async fn check_names_what_is_wrong() {
-    let server = require_server!();
+    let server = common::server().await;
     let admin = server
         .database(
             "checks",
@@ -300,15 +300,20 @@ async fn check_names_what_is_wrong() {
     let c = PostgresConnector::new(server.config("no_such_db", &["docs"]), &common::ctx()).unwrap();
     let err = c.check().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
-    assert!(err.to_string().contains("database \"no_such_db\" does not exist"), "{err}");
+    assert!(err.to_string().contains("database \"pgconn_no_such_db\" does not exist"), "{err}");
 
     let cfg = PostgresConfig { schema: "nope".into(), ..server.config("checks", &["faq"]) };
     let err = PostgresConnector::new(cfg, &common::ctx()).unwrap().check().await.unwrap_err();
     assert!(err.to_string().contains("schema \"nope\" does not exist"), "{err}");
 
     // A role without SELECT.
-    admin.batch_execute("DROP ROLE IF EXISTS nosel; CREATE ROLE nosel LOGIN").await.unwrap();
-    let ctx = common::ctx_with(StaticCredentialProvider::new().with("postgres_user", "nosel"));
+    admin
+        .batch_execute("DROP ROLE IF EXISTS nosel; CREATE ROLE nosel LOGIN PASSWORD 'nosel-pw'")
+        .await
+        .unwrap();
+    let ctx = common::ctx_with(
+        StaticCredentialProvider::new().with("postgres_user", "nosel").with("postgres_password", "nosel-pw"),
+    );
     let c = PostgresConnector::new(server.config("checks", &["secret"]), &ctx).unwrap();
     let err = c.check().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
@@ -320,7 +325,7 @@ async fn check_names_what_is_wrong() {
 
 #[tokio::test]
 async fn credential_errors_are_clear_and_never_show_the_password() {
-    let server = require_server!();
+    let server = common::server().await;
     let admin = server.admin("postgres").await;
     admin
         .batch_execute("DROP ROLE IF EXISTS pwuser; CREATE ROLE pwuser LOGIN PASSWORD 'right-password-123'")
@@ -341,8 +346,8 @@ async fn credential_errors_are_clear_and_never_show_the_password() {
     assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
     assert!(
         err.to_string().contains(&format!(
-            "authentication failed for user \"pwuser\" on 127.0.0.1:{}/creds",
-            server.port
+            "authentication failed for user \"pwuser\" on 127.0.0.1:{}/pgconn_creds",
+            server.port()
         )),
         "{err}"
     );
@@ -400,7 +405,7 @@ async fn unreachable_server_is_transient_and_names_the_address() {
 
 #[tokio::test]
 async fn connections_are_bounded_by_pool_size_and_closed_on_drop() {
-    let server = require_server!();
+    let server = common::server().await;
     let admin = server
         .database(
             "pool",
@@ -413,7 +418,7 @@ async fn connections_are_bounded_by_pool_size_and_closed_on_drop() {
     let sessions = || async {
         let row = admin
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'pool' AND application_name = 'enterprise-connectors'",
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'pgconn_pool' AND application_name = 'enterprise-connectors'",
                 &[],
             )
             .await
@@ -452,7 +457,7 @@ async fn connections_are_bounded_by_pool_size_and_closed_on_drop() {
 
 #[tokio::test]
 async fn a_killed_connection_is_a_transient_error() {
-    let server = require_server!();
+    let server = common::server().await;
     let admin = server
         .database(
             "killed",
@@ -466,7 +471,7 @@ async fn a_killed_connection_is_a_transient_error() {
     admin
         .batch_execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = 'killed' AND application_name = 'enterprise-connectors'",
+             WHERE datname = 'pgconn_killed' AND application_name = 'enterprise-connectors'",
         )
         .await
         .unwrap();
@@ -484,7 +489,7 @@ async fn a_killed_connection_is_a_transient_error() {
 
 #[tokio::test]
 async fn estimates_count_rows_for_progress() {
-    let server = require_server!();
+    let server = common::server().await;
     let admin = server
         .database(
             "estimate",

@@ -71,8 +71,10 @@ fn attach_progress(engine: &SyncEngine, json: bool) -> Option<ProgressBar> {
     if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
-            ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} items ({per_sec})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} items ({per_sec})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_prefix(id);
         bar.enable_steady_tick(Duration::from_millis(200));
@@ -109,7 +111,10 @@ pub async fn sync(path: &Path, args: SyncArgs) -> Outcome {
         return Err(CliError::usage(format!("{}: no [[connectors]] configured", path.display())));
     }
     if !args.retry_delay.is_finite() || args.retry_delay < 0.0 {
-        return Err(CliError::usage(format!("--retry-delay: {} is not a number of seconds", args.retry_delay)));
+        return Err(CliError::usage(format!(
+            "--retry-delay: {} is not a number of seconds",
+            args.retry_delay
+        )));
     }
     let store = loaded.store().await?;
     let state = loaded.state().await?;
@@ -234,10 +239,8 @@ pub async fn history(path: &Path, args: HistoryArgs) -> Outcome {
     let selected = loaded.select(args.connector.as_slice())?;
     let state = loaded.state().await?;
     for c in selected {
-        let s = state
-            .load(c.connector_id(), c.tenant_id())
-            .await
-            .map_err(|e| CliError::from_core("state", e))?;
+        let s =
+            state.load(c.connector_id(), c.tenant_id()).await.map_err(|e| CliError::from_core("state", e))?;
         let Some(s) = s else { continue };
         for run in s.history.iter().rev().take(args.limit) {
             if args.json {
@@ -288,7 +291,8 @@ pub async fn search(path: &Path, args: SearchArgs) -> Outcome {
     let tenant = tenant(&args.tenant)?;
     let loaded = load_for_store(path)?;
     let store = loaded.store().await?;
-    let hits = store.search(&tenant, &args.query, args.limit).await.map_err(|e| CliError::from_core("search", e))?;
+    let hits =
+        store.search(&tenant, &args.query, args.limit).await.map_err(|e| CliError::from_core("search", e))?;
     for h in &hits {
         if args.json {
             print_json(&json!({
@@ -343,7 +347,8 @@ pub async fn export(path: &Path, args: ExportArgs) -> Outcome {
             "updated_at": d.document.updated_at,
             "metadata": d.document.metadata,
         });
-        serde_json::to_writer(&mut out, &line).map_err(|e| CliError::failed(format!("writing output: {e}")))?;
+        serde_json::to_writer(&mut out, &line)
+            .map_err(|e| CliError::failed(format!("writing output: {e}")))?;
         out.write_all(b"\n").map_err(|e| CliError::failed(format!("writing output: {e}")))?;
     }
     out.flush().map_err(|e| CliError::failed(format!("writing output: {e}")))?;
@@ -352,7 +357,8 @@ pub async fn export(path: &Path, args: ExportArgs) -> Outcome {
 
 /// Search and export need the store only: a missing config file means the defaults.
 fn load_for_store(path: &Path) -> Result<Loaded, CliError> {
-    if !path.exists() && std::env::var_os("ARAGORA_CONFIG").is_none() && path == Path::new("connectors.toml") {
+    if !path.exists() && std::env::var_os("ARAGORA_CONFIG").is_none() && path == Path::new("connectors.toml")
+    {
         return Ok(Loaded { path: path.to_path_buf(), file: Default::default(), connectors: vec![] });
     }
     config::load(path)
@@ -386,10 +392,13 @@ pub async fn state(path: &Path, action: StateAction) -> Outcome {
                     .map_err(|e| CliError::from_core("state", e))?;
                 match s {
                     Some(s) => {
-                        let text = serde_json::to_string_pretty(&s).map_err(|e| CliError::failed(e.to_string()))?;
+                        let text =
+                            serde_json::to_string_pretty(&s).map_err(|e| CliError::failed(e.to_string()))?;
                         println!("{text}");
                     }
-                    None => eprintln!("{} ({}): no saved state (never synced)", c.connector_id(), c.tenant_id()),
+                    None => {
+                        eprintln!("{} ({}): no saved state (never synced)", c.connector_id(), c.tenant_id())
+                    }
                 }
             }
         }

@@ -131,11 +131,13 @@ pub fn load(path: &Path) -> Result<Loaded, CliError> {
         };
         CliError::usage(format!("cannot read configuration {shown}: {e}{hint}"))
     })?;
-    let file: FileConfig =
-        toml::from_str(&text).map_err(|e| CliError::usage(format!("{shown}: {}", e.to_string().trim_end())))?;
+    let file: FileConfig = toml::from_str(&text)
+        .map_err(|e| CliError::usage(format!("{shown}: {}", e.to_string().trim_end())))?;
     if let Some(listen) = &file.server.listen {
         listen.parse::<std::net::SocketAddr>().map_err(|e| {
-            CliError::usage(format!("{shown}: server.listen: {listen:?} is not an address like 127.0.0.1:8080: {e}"))
+            CliError::usage(format!(
+                "{shown}: server.listen: {listen:?} is not an address like 127.0.0.1:8080: {e}"
+            ))
         })?;
     }
     let credentials = credential_provider(path, &file.credentials)?;
@@ -148,7 +150,9 @@ pub fn load(path: &Path) -> Result<Loaded, CliError> {
         let kind = match table.remove("type") {
             Some(toml::Value::String(s)) => s,
             Some(other) => {
-                return Err(CliError::usage(format!("{shown}: {what}: key `type` must be a string, not {other}")));
+                return Err(CliError::usage(format!(
+                    "{shown}: {what}: key `type` must be a string, not {other}"
+                )));
             }
             None => {
                 return Err(CliError::usage(format!(
@@ -176,7 +180,10 @@ pub fn load(path: &Path) -> Result<Loaded, CliError> {
     Ok(Loaded { path: path.to_path_buf(), file, connectors })
 }
 
-fn credential_provider(path: &Path, section: &CredentialsSection) -> Result<Arc<dyn CredentialProvider>, CliError> {
+fn credential_provider(
+    path: &Path,
+    section: &CredentialsSection,
+) -> Result<Arc<dyn CredentialProvider>, CliError> {
     for (key, table) in [("vault", &section.vault), ("aws_secrets_manager", &section.aws_secrets_manager)] {
         if table.is_some() {
             return Err(CliError::usage(format!(
@@ -187,7 +194,9 @@ fn credential_provider(path: &Path, section: &CredentialsSection) -> Result<Arc<
     }
     match section.providers.as_slice() {
         [only] if only == "env" => Ok(Arc::new(EnvCredentialProvider::new())),
-        [] => Err(CliError::usage(format!("{}: credentials.providers is empty; use [\"env\"]", path.display()))),
+        [] => {
+            Err(CliError::usage(format!("{}: credentials.providers is empty; use [\"env\"]", path.display())))
+        }
         list => {
             let other = list.iter().find(|p| p.as_str() != "env").map(String::as_str).unwrap_or("env");
             Err(CliError::usage(match other {
@@ -235,7 +244,11 @@ impl Loaded {
         };
         connector_core::store::open_store(&url).await.map_err(|e| {
             let msg = format!("store: {e}");
-            if e.kind() == connector_core::ErrorKind::Config { CliError::usage(msg) } else { CliError::failed(msg) }
+            if e.kind() == connector_core::ErrorKind::Config {
+                CliError::usage(msg)
+            } else {
+                CliError::failed(msg)
+            }
         })
     }
 
@@ -249,7 +262,9 @@ impl Loaded {
             ))),
             (Some(dir), None) => Ok(Arc::new(JsonFileStateStore::new(dir))),
             (None, None) => Ok(Arc::new(JsonFileStateStore::default_location())),
-            (None, Some(url)) => open_state_db(url).await.map_err(|e| CliError::failed(format!("state: {e}"))),
+            (None, Some(url)) => {
+                open_state_db(url).await.map_err(|e| CliError::failed(format!("state: {e}")))
+            }
         }
     }
 }
@@ -258,7 +273,9 @@ async fn open_state_db(url: &str) -> connector_core::Result<Arc<dyn StateStore>>
     use connector_core::Error;
     let location = connector_core::store::redact_url(url);
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let pool = sqlx_pg_pool(url).await.map_err(|e| Error::state(format!("connecting to {location}")).with_source(e))?;
+        let pool = sqlx_pg_pool(url)
+            .await
+            .map_err(|e| Error::state(format!("connecting to {location}")).with_source(e))?;
         return Ok(Arc::new(connector_core::state::PgStateStore::new(pool, location).await?));
     }
     let path = url.strip_prefix("sqlite://").unwrap_or(url);
@@ -266,6 +283,8 @@ async fn open_state_db(url: &str) -> connector_core::Result<Arc<dyn StateStore>>
     Ok(Arc::new(connector_core::state::SqliteStateStore::new(store.pool().clone(), path.to_owned()).await?))
 }
 
-async fn sqlx_pg_pool(url: &str) -> Result<connector_core::reexports::sqlx::PgPool, connector_core::reexports::sqlx::Error> {
+async fn sqlx_pg_pool(
+    url: &str,
+) -> Result<connector_core::reexports::sqlx::PgPool, connector_core::reexports::sqlx::Error> {
     connector_core::reexports::sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(url).await
 }

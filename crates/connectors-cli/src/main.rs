@@ -29,12 +29,20 @@ impl CliError {
     /// Maps a core error: configuration problems are usage errors, the rest failures.
     pub fn from_core(context: &str, e: connector_core::Error) -> Self {
         let message = format!("{context}: {e}");
-        if e.kind() == connector_core::ErrorKind::Config { Self::usage(message) } else { Self::failed(message) }
+        if e.kind() == connector_core::ErrorKind::Config {
+            Self::usage(message)
+        } else {
+            Self::failed(message)
+        }
     }
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "connectors", version, about = "Incrementally sync enterprise sources into a knowledge store")]
+#[command(
+    name = "connectors",
+    version,
+    about = "Incrementally sync enterprise sources into a knowledge store"
+)]
 struct Cli {
     /// Configuration file (default: $ARAGORA_CONFIG, else ./connectors.toml).
     #[arg(long, global = true, value_name = "PATH")]
@@ -67,7 +75,8 @@ enum Command {
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let debug = std::env::var("ARAGORA_DEBUG").is_ok_and(|v| !v.is_empty() && v != "0");
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(if debug { "debug" } else { "warn" }));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(if debug { "debug" } else { "warn" }));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(true).init();
 }
 

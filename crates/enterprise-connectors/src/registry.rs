@@ -32,7 +32,8 @@ pub fn build(kind: &str, table: toml::Table, ctx: &ConnectorContext) -> Result<A
 
 #[allow(dead_code)]
 fn parse<T: serde::de::DeserializeOwned>(table: toml::Table) -> Result<T> {
-    <T as serde::Deserialize>::deserialize(toml::Value::Table(table)).map_err(|e| Error::config(e.message().trim().to_owned()))
+    <T as serde::Deserialize>::deserialize(toml::Value::Table(table))
+        .map_err(|e| Error::config(e.message().trim().to_owned()))
 }
 
 #[cfg(all(test, feature = "postgres"))]

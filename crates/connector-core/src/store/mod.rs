@@ -126,7 +126,12 @@ pub trait KnowledgeStore: Send + Sync {
     async fn sweep(&self, tenant: &TenantId, connector: &ConnectorId, generation: i64) -> Result<u64>;
 
     /// One document.
-    async fn get(&self, tenant: &TenantId, connector: &ConnectorId, id: &str) -> Result<Option<StoredDocument>>;
+    async fn get(
+        &self,
+        tenant: &TenantId,
+        connector: &ConnectorId,
+        id: &str,
+    ) -> Result<Option<StoredDocument>>;
 
     /// Every document of the tenant (optionally of one connector), streamed in id order.
     fn export<'a>(
@@ -147,6 +152,7 @@ pub trait KnowledgeStore: Send + Sync {
 
 /// Which changes of a batch take effect: when an id appears more than once, the last change
 /// wins and the earlier ones are [`ChangeOutcome::Superseded`].
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) fn last_change_wins(changes: &[Change]) -> Vec<bool> {
     let mut seen = std::collections::HashSet::with_capacity(changes.len());
     let mut effective = vec![false; changes.len()];
@@ -160,6 +166,7 @@ pub(crate) fn last_change_wins(changes: &[Change]) -> Vec<bool> {
 
 /// Turns a user's search words into a query the FTS engines accept literally: each word is
 /// a quoted term, all terms must match.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) fn search_terms(query: &str) -> Result<Vec<String>> {
     let terms: Vec<String> = query
         .split(|c: char| c.is_whitespace() || c == '"')
@@ -213,12 +220,14 @@ mod tests {
         assert_eq!(redact_url("sqlite:///tmp/a.db"), "sqlite:///tmp/a.db");
     }
 
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     #[test]
     fn search_terms_are_literal_words() {
         assert_eq!(search_terms("  rust \"AND\" OR-x ").unwrap(), ["rust", "AND", "OR-x"]);
         assert!(search_terms(" \" * ").is_err());
     }
 
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     #[test]
     fn last_change_wins_per_id() {
         let d = |id: &str| Change::Upsert(Document::new(id, "row", "", ""));

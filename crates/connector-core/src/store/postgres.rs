@@ -71,7 +71,10 @@ impl PgKnowledgeStore {
             .await
             .map_err(|e| pg_error(e, "locking for schema creation"))?;
         for sql in SCHEMA {
-            sqlx::query(*sql).execute(&mut *tx).await.map_err(|e| pg_error(e, "creating the store schema"))?;
+            sqlx::query(*sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| pg_error(e, "creating the store schema"))?;
         }
         tx.commit().await.map_err(|e| pg_error(e, "creating the store schema"))?;
         Ok(Self { pool, location })
@@ -90,7 +93,9 @@ pub(crate) fn pg_error(e: sqlx::Error, what: &str) -> Error {
         sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("28P01") | Some("28000")) => {
             Error::auth(format!("{what}: authentication failed"))
         }
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => Error::transient(what.to_owned()),
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            Error::transient(what.to_owned())
+        }
         _ => Error::store(what.to_owned()),
     };
     kind_error.with_source(e)
@@ -119,7 +124,8 @@ fn stored_from_row(row: &PgRow) -> Result<StoredDocument> {
 #[async_trait]
 impl KnowledgeStore for PgKnowledgeStore {
     async fn apply(&self, scope: &WriteScope, changes: &[Change]) -> Result<ApplyOutcome> {
-        let mut outcome = ApplyOutcome { outcomes: vec![ChangeOutcome::Superseded; changes.len()], ..Default::default() };
+        let mut outcome =
+            ApplyOutcome { outcomes: vec![ChangeOutcome::Superseded; changes.len()], ..Default::default() };
         if changes.is_empty() {
             return Ok(outcome);
         }
@@ -172,13 +178,15 @@ impl KnowledgeStore for PgKnowledgeStore {
             }
         }
         if !deletes.is_empty() {
-            sqlx::query("DELETE FROM knowledge_documents WHERE tenant_id = $1 AND connector_id = $2 AND id = ANY($3)")
-                .bind(scope.tenant_id.as_str())
-                .bind(scope.connector_id.as_str())
-                .bind(&deletes)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| pg_error(e, "deleting documents"))?;
+            sqlx::query(
+                "DELETE FROM knowledge_documents WHERE tenant_id = $1 AND connector_id = $2 AND id = ANY($3)",
+            )
+            .bind(scope.tenant_id.as_str())
+            .bind(scope.connector_id.as_str())
+            .bind(&deletes)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| pg_error(e, "deleting documents"))?;
         }
         if scope.touch_unchanged && !unchanged.is_empty() {
             sqlx::query(
@@ -232,17 +240,24 @@ impl KnowledgeStore for PgKnowledgeStore {
     }
 
     async fn sweep(&self, tenant: &TenantId, connector: &ConnectorId, generation: i64) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM knowledge_documents WHERE tenant_id = $1 AND connector_id = $2 AND sync_gen < $3")
-            .bind(tenant.as_str())
-            .bind(connector.as_str())
-            .bind(generation)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| pg_error(e, "deleting documents"))?;
+        let done = sqlx::query(
+            "DELETE FROM knowledge_documents WHERE tenant_id = $1 AND connector_id = $2 AND sync_gen < $3",
+        )
+        .bind(tenant.as_str())
+        .bind(connector.as_str())
+        .bind(generation)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| pg_error(e, "deleting documents"))?;
         Ok(done.rows_affected())
     }
 
-    async fn get(&self, tenant: &TenantId, connector: &ConnectorId, id: &str) -> Result<Option<StoredDocument>> {
+    async fn get(
+        &self,
+        tenant: &TenantId,
+        connector: &ConnectorId,
+        id: &str,
+    ) -> Result<Option<StoredDocument>> {
         let row = sqlx::query(
             "SELECT * FROM knowledge_documents WHERE tenant_id = $1 AND connector_id = $2 AND id = $3",
         )

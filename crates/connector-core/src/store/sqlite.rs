@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::{
@@ -87,7 +89,8 @@ impl SqliteKnowledgeStore {
 
     /// An in-memory store (tests, dry runs).
     pub async fn in_memory() -> Result<Self> {
-        let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(|e| Error::internal(e.to_string()))?;
+        let options =
+            SqliteConnectOptions::from_str("sqlite::memory:").map_err(|e| Error::internal(e.to_string()))?;
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options)
@@ -98,10 +101,9 @@ impl SqliteKnowledgeStore {
 
     async fn init(pool: SqlitePool, path: PathBuf) -> Result<Self> {
         for sql in SCHEMA {
-            sqlx::query(*sql)
-                .execute(&pool)
-                .await
-                .map_err(|e| Error::store(format!("creating the schema in {}", path.display())).with_source(e))?;
+            sqlx::query(*sql).execute(&pool).await.map_err(|e| {
+                Error::store(format!("creating the schema in {}", path.display())).with_source(e)
+            })?;
         }
         Ok(Self { pool, path })
     }
@@ -148,7 +150,9 @@ async fn existing(
             "SELECT id, rowid, content_hash FROM documents WHERE tenant_id = ? AND connector_id = ? AND id IN ({})",
             placeholders(chunk.len())
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).bind(scope.tenant_id.as_str()).bind(scope.connector_id.as_str());
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            .bind(scope.tenant_id.as_str())
+            .bind(scope.connector_id.as_str());
         for id in chunk {
             q = q.bind(*id);
         }
@@ -159,7 +163,11 @@ async fn existing(
     Ok(out)
 }
 
-async fn for_rowids(conn: &mut SqliteConnection, template: &str, rowids: &[i64]) -> std::result::Result<(), sqlx::Error> {
+async fn for_rowids(
+    conn: &mut SqliteConnection,
+    template: &str,
+    rowids: &[i64],
+) -> std::result::Result<(), sqlx::Error> {
     for chunk in rowids.chunks(IDS_PER_STATEMENT) {
         let sql = template.replace("{}", &placeholders(chunk.len()));
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
@@ -247,14 +255,16 @@ const DOC_COLUMNS: &str = "tenant_id, connector_id, id, kind, title, content, ur
 #[async_trait]
 impl KnowledgeStore for SqliteKnowledgeStore {
     async fn apply(&self, scope: &WriteScope, changes: &[Change]) -> Result<ApplyOutcome> {
-        let mut outcome = ApplyOutcome { outcomes: vec![ChangeOutcome::Superseded; changes.len()], ..Default::default() };
+        let mut outcome =
+            ApplyOutcome { outcomes: vec![ChangeOutcome::Superseded; changes.len()], ..Default::default() };
         if changes.is_empty() {
             return Ok(outcome);
         }
         let effective = last_change_wins(changes);
         let write_started = Instant::now();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(self.err("starting a write"))?;
-        let ids: Vec<&str> = changes.iter().zip(&effective).filter(|(_, e)| **e).map(|(c, _)| c.id()).collect();
+        let ids: Vec<&str> =
+            changes.iter().zip(&effective).filter(|(_, e)| **e).map(|(c, _)| c.id()).collect();
         let known = existing(&mut tx, scope, &ids).await.map_err(self.err("reading hashes"))?;
 
         let mut to_write: Vec<(&Document, String)> = Vec::new();
@@ -316,7 +326,8 @@ impl KnowledgeStore for SqliteKnowledgeStore {
             for_rowids(&mut tx, &sql, &unchanged_rowids).await.map_err(self.err("marking documents"))?;
         }
         let now = ts(Some(Utc::now())).unwrap_or_default();
-        let written = upsert_rows(&mut tx, scope, &to_write, &now).await.map_err(self.err("writing documents"))?;
+        let written =
+            upsert_rows(&mut tx, scope, &to_write, &now).await.map_err(self.err("writing documents"))?;
 
         let index_started = Instant::now();
         for_rowids(
@@ -347,19 +358,27 @@ impl KnowledgeStore for SqliteKnowledgeStore {
         .execute(&mut *tx)
         .await
         .map_err(self.err("updating the search index"))?;
-        let done = sqlx::query("DELETE FROM documents WHERE tenant_id = ? AND connector_id = ? AND sync_gen < ?")
-            .bind(tenant.as_str())
-            .bind(connector.as_str())
-            .bind(generation)
-            .execute(&mut *tx)
-            .await
-            .map_err(self.err("deleting documents"))?;
+        let done =
+            sqlx::query("DELETE FROM documents WHERE tenant_id = ? AND connector_id = ? AND sync_gen < ?")
+                .bind(tenant.as_str())
+                .bind(connector.as_str())
+                .bind(generation)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.err("deleting documents"))?;
         tx.commit().await.map_err(self.err("committing a sweep"))?;
         Ok(done.rows_affected())
     }
 
-    async fn get(&self, tenant: &TenantId, connector: &ConnectorId, id: &str) -> Result<Option<StoredDocument>> {
-        let sql = format!("SELECT {DOC_COLUMNS} FROM documents WHERE tenant_id = ? AND connector_id = ? AND id = ?");
+    async fn get(
+        &self,
+        tenant: &TenantId,
+        connector: &ConnectorId,
+        id: &str,
+    ) -> Result<Option<StoredDocument>> {
+        let sql = format!(
+            "SELECT {DOC_COLUMNS} FROM documents WHERE tenant_id = ? AND connector_id = ? AND id = ?"
+        );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
             .bind(tenant.as_str())
             .bind(connector.as_str())
@@ -394,8 +413,7 @@ impl KnowledgeStore for SqliteKnowledgeStore {
     }
 
     async fn search(&self, tenant: &TenantId, query: &str, limit: usize) -> Result<Vec<SearchHit>> {
-        let fts_query =
-            search_terms(query)?.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(" ");
+        let fts_query = search_terms(query)?.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(" ");
         let rows = sqlx::query(
             "SELECT d.id, d.connector_id, d.kind, d.title, d.url, \
                     snippet(documents_fts, 1, '[', ']', '…', 24) AS snippet, \
@@ -427,15 +445,19 @@ impl KnowledgeStore for SqliteKnowledgeStore {
 
     async fn count(&self, tenant: &TenantId, connector: Option<&ConnectorId>) -> Result<u64> {
         let n: i64 = match connector {
-            Some(c) => sqlx::query_scalar("SELECT count(*) FROM documents WHERE tenant_id = ? AND connector_id = ?")
-                .bind(tenant.as_str())
-                .bind(c.as_str())
-                .fetch_one(&self.pool)
-                .await,
-            None => sqlx::query_scalar("SELECT count(*) FROM documents WHERE tenant_id = ?")
-                .bind(tenant.as_str())
-                .fetch_one(&self.pool)
-                .await,
+            Some(c) => {
+                sqlx::query_scalar("SELECT count(*) FROM documents WHERE tenant_id = ? AND connector_id = ?")
+                    .bind(tenant.as_str())
+                    .bind(c.as_str())
+                    .fetch_one(&self.pool)
+                    .await
+            }
+            None => {
+                sqlx::query_scalar("SELECT count(*) FROM documents WHERE tenant_id = ?")
+                    .bind(tenant.as_str())
+                    .fetch_one(&self.pool)
+                    .await
+            }
         }
         .map_err(self.err("counting documents"))?;
         Ok(n as u64)
