@@ -1,7 +1,8 @@
 //! `cargo xtask bench pg [--rows N]`: how a full and an incremental sync of a PostgreSQL table
 //! compare with the fastest possible read of the same rows (`psql \copy ... to /dev/null`), and
 //! how much memory the sync needs. Runs at N/10 and N rows (default 1,000,000) to show whether
-//! time grows linearly and memory stays flat. Prints a table; records nothing.
+//! time grows linearly and memory stays flat. Prints a table; records nothing, and removes the
+//! store it synced into (gigabytes at a million rows).
 
 use std::fs;
 use std::io::Read;
@@ -138,34 +139,85 @@ fn bench_size(server: &PgServer, cli: &Path, dir: &Path, rows: u64) -> Result<Si
         ["-c", "UPDATE documents SET updated_at = now(), body = body || ' edited' WHERE id % 100 = 0"],
     )?;
     let incremental = sync(cli, &config, &home, server)?;
+    // The store holds a copy of the table plus its index: gigabytes at a million rows.
+    fs::remove_dir_all(&home).with_context(|| format!("removing {}", home.display()))?;
+    server.psql("postgres", ["-c", &format!("DROP DATABASE {db}")])?;
     Ok(SizeResult { rows, load_s, copy_s, full, incremental, changed })
 }
 
-/// Rows of 600-1,000 bytes of word-like text; a thousand rows share each `updated_at`, so a
-/// cursor must break ties on the primary key.
+/// Rows of about 450 bytes of text drawn from a 4,000-word vocabulary with a skewed (Zipf-like)
+/// distribution, like prose; a thousand rows share each `updated_at`, so a cursor must break
+/// ties on the primary key.
 fn fill_sql(rows: u64) -> String {
-    let words = |seed: &str| format!("translate(md5({seed}), '0123456789', ' etaoinshr')");
+    let vocab: Vec<String> = vocabulary(4000).into_iter().map(|w| format!("'{w}'")).collect();
+    let words = |n: &str| {
+        format!(
+            "(SELECT string_agg(v[1 + floor(4000 * power(random(), 2))::int + 0 * k], ' ') \
+              FROM generate_series(1, {n}) AS k WHERE g > 0)"
+        )
+    };
     format!(
-        "INSERT INTO documents (title, body, summary, author, tags, created_at, updated_at)
+        "SELECT setseed(0.42);
+WITH vocab AS (SELECT ARRAY[{vocab}]::text[] AS v)
+INSERT INTO documents (title, body, summary, author, tags, created_at, updated_at)
 SELECT 'Document ' || g || ': ' || {title},
-       (SELECT string_agg({body}, ' ') FROM generate_series(1, 18 + g % 10) AS k),
-       {summary1} || ' ' || {summary2},
+       {body},
+       {summary},
        'author' || (g % 97),
        ARRAY['team' || (g % 7), 'topic' || (g % 13)],
        timestamptz '2024-01-01 00:00:00+00' + (g / 1000) * interval '1 second' - interval '1 day',
        timestamptz '2024-01-01 00:00:00+00' + (g / 1000) * interval '1 second'
-FROM generate_series(1, {rows}) AS g;
+FROM generate_series(1, {rows}) AS g, vocab;
 ",
-        title = words("g::text"),
-        body = words("g::text || ':' || k"),
-        summary1 = words("'s' || g"),
-        summary2 = words("'t' || g"),
+        vocab = vocab.join(","),
+        title = words("5"),
+        body = words("45 + g % 10"),
+        summary = words("10"),
     )
+}
+
+/// `n` distinct pronounceable words, the same every run.
+fn vocabulary(n: usize) -> Vec<String> {
+    const ONSETS: &[&str] =
+        &["b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "st", "tr", "pl"];
+    const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "ai", "ea", "ou"];
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut words = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let syllables = 1 + next() % 3;
+        let mut w = String::new();
+        for _ in 0..syllables {
+            w.push_str(ONSETS[(next() % ONSETS.len() as u64) as usize]);
+            w.push_str(VOWELS[(next() % VOWELS.len() as u64) as usize]);
+        }
+        if next() % 2 == 0 {
+            w.push_str(ONSETS[(next() % ONSETS.len() as u64) as usize]);
+        }
+        if words.insert(w.clone()) {
+            out.push(w);
+        }
+    }
+    out
 }
 
 /// Runs `connectors sync --json`, timing it and sampling its peak RSS (VmHWM) every 50 ms.
 fn sync(cli: &Path, config: &Path, home: &Path, server: &PgServer) -> Result<SyncRun> {
-    let mut cmd = Command::new(cli);
+    // BENCH_PERF=PREFIX records each sync with `perf record -g` into PREFIX.<millis>.
+    let mut cmd = if let Ok(prefix) = std::env::var("BENCH_PERF") {
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let mut c = Command::new("perf");
+        c.args(["record", "-g", "-o", &format!("{prefix}.{}", stamp.as_millis()), "--"]).arg(cli);
+        c
+    } else {
+        Command::new(cli)
+    };
     cmd.arg("--config")
         .arg(config)
         .args(["sync", "--json"])
@@ -305,6 +357,8 @@ mod tests {
     fn generated_rows_have_the_intended_shape() {
         let sql = fill_sql(10);
         assert!(sql.contains("generate_series(1, 10)"));
+        assert_eq!(vocabulary(4000).len(), 4000);
+        assert_eq!(vocabulary(50), vocabulary(50), "deterministic");
         assert!(sql.contains("(g / 1000)"));
     }
 }

@@ -123,6 +123,9 @@ pub struct StatusReport {
     pub progress: Option<u64>,
 }
 
+/// Batches read ahead of the store.
+const QUEUED_BATCHES: usize = 4;
+
 type ProgressFn = Arc<dyn Fn(u64, Option<u64>) + Send + Sync>;
 type ItemFn = Arc<dyn Fn(&Document) + Send + Sync>;
 
@@ -458,9 +461,11 @@ impl SyncEngine {
         total: Option<u64>,
         cancel: &CancellationToken,
     ) -> Result<()> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Result<Batch>, Duration)>(4);
-        let max_items = request.batch_size.saturating_mul(4);
-        let max_bytes = request.batch_bytes.saturating_mul(2);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Result<Batch>, Duration)>(QUEUED_BATCHES);
+        // Fewer, larger transactions when the store is the bottleneck: each commit costs an
+        // fsync and a search-index flush. Bounded, so memory stays bounded.
+        let max_items = request.batch_size.saturating_mul(QUEUED_BATCHES * 2);
+        let max_bytes = request.batch_bytes.saturating_mul(QUEUED_BATCHES);
         let connector = &self.connector;
         let reader = async move {
             let mut stream = connector.read(request);

@@ -459,9 +459,13 @@ pub(crate) fn decode_row(plan: &TablePlan, row: &Row) -> Result<DecodedRow, Stri
     url.push_str(&plan.url_prefix);
     url_encode_into(&mut url, &pk);
 
+    // Text content columns are already in `content`, verbatim; repeating them in metadata
+    // would double what every document stores and hashes. Typed values stay.
     let mut metadata = Map::new();
-    for (column, value) in plan.columns.iter().zip(values) {
-        metadata.insert(column.name.clone(), value);
+    for (i, (column, value)) in plan.columns.iter().zip(values).enumerate() {
+        if column.kind != ColKind::Text || !plan.content.contains(&i) {
+            metadata.insert(column.name.clone(), value);
+        }
     }
     size += content.len() + title.len() + id.len() + url.len();
     Ok(DecodedRow {
