@@ -203,7 +203,9 @@ pub async fn status(path: &Path, args: StatusArgs) -> Outcome {
                 "errors": s.errors,
             }))?;
         } else {
-            let last = s.last_sync_at.map_or_else(|| "never".to_string(), |t| t.to_rfc3339());
+            let last = s
+                .last_sync_at
+                .map_or_else(|| "never".to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
             println!(
                 "{} ({}, {}): {} - last sync {last}, {} items synced, {documents} documents in store{}",
                 s.connector_id,
@@ -261,7 +263,7 @@ pub async fn history(path: &Path, args: HistoryArgs) -> Outcome {
                 println!(
                     "{} {}: {} items, {}{}",
                     s.connector_id,
-                    run.started_at.to_rfc3339(),
+                    run.started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                     run.items_synced,
                     run.status.as_str(),
                     if run.full_sync { " (full)" } else { "" }
@@ -300,8 +302,10 @@ pub async fn search(path: &Path, args: SearchArgs) -> Outcome {
                 "snippet": h.snippet, "score": h.score,
             }))?;
         } else {
-            println!("{:>7.3}  {} / {}  {}", h.score, h.connector_id, h.id, h.title);
-            println!("         {}", h.snippet.replace('\n', " "));
+            // BM25 gives words that most documents contain a tiny weight; keep it readable.
+            let score = if h.score >= 0.01 { format!("{:.3}", h.score) } else { format!("{:.1e}", h.score) };
+            println!("{score:>8}  {} / {}  {}", h.connector_id, h.id, h.title);
+            println!("          {}", h.snippet.replace('\n', " "));
         }
     }
     if hits.is_empty() && !args.json {
