@@ -16,8 +16,12 @@ use crate::ids::{ConnectorId, TenantId};
 /// migrated on load, newer ones refused.
 pub const STATE_VERSION: u32 = 1;
 
-/// How many runs the history keeps per connector.
-pub const HISTORY_LIMIT: usize = 200;
+/// How many runs the history keeps per connector. The state is rewritten at every checkpoint,
+/// so it must stay small.
+pub const HISTORY_LIMIT: usize = 100;
+
+/// How many error messages a history entry keeps.
+pub const HISTORY_ERRORS_LIMIT: usize = 3;
 
 /// How many error messages a state keeps from its last run.
 pub const ERRORS_LIMIT: usize = 50;
@@ -161,8 +165,14 @@ impl SyncState {
         if self.cursors.len() == 1 { self.cursors.values().next() } else { None }
     }
 
-    /// Appends a run to the history, keeping the newest [`HISTORY_LIMIT`].
-    pub fn push_history(&mut self, run: RunRecord) {
+    /// Appends a run to the history, keeping the newest [`HISTORY_LIMIT`] runs and the first
+    /// [`HISTORY_ERRORS_LIMIT`] errors of each.
+    pub fn push_history(&mut self, mut run: RunRecord) {
+        if run.errors.len() > HISTORY_ERRORS_LIMIT {
+            let more = run.errors.len() - HISTORY_ERRORS_LIMIT;
+            run.errors.truncate(HISTORY_ERRORS_LIMIT);
+            run.errors.push(format!("(+{more} more)"));
+        }
         self.history.push_back(run);
         while self.history.len() > HISTORY_LIMIT {
             self.history.pop_front();
@@ -469,6 +479,31 @@ mod tests {
         assert!(!store.reset(&c, &t).await.unwrap());
         // No temporary files left behind.
         assert_eq!(std::fs::read_dir(dir.path().join("sync_state")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn history_stays_bounded() {
+        let (c, t) = ids();
+        let mut s = SyncState::new(c, t);
+        let now = Utc::now();
+        for i in 0..(HISTORY_LIMIT + 7) {
+            s.push_history(RunRecord {
+                started_at: now,
+                finished_at: now,
+                status: SyncStatus::Failed,
+                full_sync: false,
+                items_synced: i as u64,
+                items_failed: 0,
+                items_deleted: 0,
+                items_unchanged: 0,
+                errors: (0..10).map(|e| format!("error {e}")).collect(),
+            });
+        }
+        assert_eq!(s.history.len(), HISTORY_LIMIT);
+        assert_eq!(s.history.front().unwrap().items_synced, 7, "the oldest runs go first");
+        let last = s.history.back().unwrap();
+        assert_eq!(last.errors.len(), HISTORY_ERRORS_LIMIT + 1);
+        assert_eq!(last.errors.last().unwrap(), "(+7 more)");
     }
 
     #[tokio::test]
