@@ -5,12 +5,15 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use connector_core::credentials::{CredentialProvider, require_credential};
+use connector_core::credentials::require_credential;
 use connector_core::{Error, ErrorKind, ExposeSecret, Result};
 use tokio::task::JoinHandle;
-use tokio_postgres::{Config, NoTls};
+use tokio_postgres::config::SslMode as DriverSslMode;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Config, NoTls, Socket};
 
-use crate::config::PostgresConfig;
+use crate::config::SslMode;
+use crate::connector::Shared;
 use crate::sql::{ColumnInfo, quote_ident};
 
 /// Credential key of the user name (`ARAGORA_POSTGRES_USER`).
@@ -34,6 +37,10 @@ pub(crate) struct Target {
     pub user: String,
     /// Where the password is looked up (`environment variable ARAGORA_POSTGRES_PASSWORD`).
     pub password_location: String,
+    /// The configured TLS mode, named in TLS errors.
+    pub sslmode: SslMode,
+    /// Where trusted roots come from, when certificates are verified (`sslrootcert "/ca.pem"`).
+    pub roots: Option<String>,
 }
 
 impl Target {
@@ -62,6 +69,25 @@ pub(crate) struct ErrorFacts {
     pub connecting: bool,
     /// The server asked for a password and the provider had none.
     pub password_missing: bool,
+    /// The error happened while negotiating TLS, and how.
+    pub tls: Option<TlsFailure>,
+}
+
+/// How negotiating TLS failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsFailure {
+    /// The server does not do TLS (it answered the TLS request with "no").
+    NotSupported,
+    /// The certificate chain does not lead to a trusted root.
+    UnknownIssuer,
+    /// The certificate was not issued for the host name.
+    NameMismatch,
+    /// Another certificate problem: expired, not valid yet, bad signature, wrong usage...
+    Certificate,
+    /// The TLS protocol failed: no common version or cipher suite, an alert from the server.
+    Protocol,
+    /// The connection broke during the handshake.
+    Network,
 }
 
 /// The one mapping from `tokio_postgres` errors to core errors. Messages name the host, port,
@@ -85,20 +111,40 @@ fn facts(err: &tokio_postgres::Error, connecting: bool) -> ErrorFacts {
         return facts;
     }
     facts.message = err.to_string();
+    // tokio_postgres's message for every error of the TLS negotiation (made while connecting
+    // only: a TLS error on an established connection is a lost connection).
+    let negotiating_tls = facts.message.starts_with("error performing TLS handshake");
     let mut source = err.source();
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<io::Error>() {
             facts.io.get_or_insert(io.kind());
+            // tokio-rustls reports a failed handshake as an I/O error around the rustls error.
+            if let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+                && negotiating_tls
+            {
+                facts.tls.get_or_insert(crate::tls::failure_of(tls));
+            }
+        }
+        if let Some(tls) = s.downcast_ref::<rustls::Error>()
+            && negotiating_tls
+        {
+            facts.tls.get_or_insert(crate::tls::failure_of(tls));
         }
         let text = s.to_string();
         if text == "password missing" {
             facts.password_missing = true;
+        }
+        if negotiating_tls && text == "server does not support TLS" {
+            facts.tls = Some(TlsFailure::NotSupported);
         }
         if !facts.message.contains(&text) {
             facts.message.push_str(": ");
             facts.message.push_str(&text);
         }
         source = s.source();
+    }
+    if negotiating_tls && facts.tls.is_none() {
+        facts.tls = Some(TlsFailure::Network);
     }
     facts
 }
@@ -111,6 +157,9 @@ pub(crate) fn classify(f: &ErrorFacts, t: &Target) -> Error {
             "PostgreSQL at {at} requires a password for user {:?}: set {}",
             t.user, t.password_location
         ));
+    }
+    if let Some(tls) = f.tls {
+        return tls_error(tls, f, t);
     }
     let Some(code) = f.code.as_deref() else {
         if f.connecting && f.io == Some(io::ErrorKind::TimedOut) {
@@ -168,6 +217,63 @@ pub(crate) fn classify(f: &ErrorFacts, t: &Target) -> Error {
     Error::new(kind, format!("PostgreSQL at {at}: {m} (SQLSTATE {code})"))
 }
 
+/// A TLS failure while connecting: names the address and the sslmode; certificate problems are
+/// `auth` errors and protocol mismatches `config` errors (neither is retried), a broken
+/// connection is `transient`.
+fn tls_error(failure: TlsFailure, f: &ErrorFacts, t: &Target) -> Error {
+    let at =
+        format!("cannot connect to PostgreSQL at {} with sslmode = {:?}", t.address(), t.sslmode.as_str());
+    let m = &f.message;
+    let roots = t.roots.as_deref().unwrap_or("the trusted roots");
+    match failure {
+        TlsFailure::NotSupported => Error::config(format!(
+            "{at}: the server does not accept TLS connections ({m}); enable ssl on the server, \
+             or set sslmode = \"prefer\" (TLS when offered) or \"disable\""
+        )),
+        TlsFailure::UnknownIssuer => Error::auth(format!(
+            "{at}: the server's certificate is not signed by a CA in {roots} ({m}); set sslrootcert \
+             to a PEM file with the CA that issued the server's certificate"
+        )),
+        TlsFailure::NameMismatch => Error::auth(format!(
+            "{at}: the server's certificate is not valid for host name {:?} ({m}); connect with a name \
+             the certificate lists, or use sslmode = \"verify-ca\" to verify the chain only",
+            t.host
+        )),
+        TlsFailure::Certificate => Error::auth(format!("{at}: the server's certificate was rejected ({m})")),
+        TlsFailure::Protocol => Error::config(format!("{at}: the TLS handshake failed ({m})")),
+        TlsFailure::Network => {
+            Error::transient(format!("{at}: the connection broke during the TLS handshake ({m})"))
+        }
+    }
+}
+
+/// A freshly opened connection whose connection task runs.
+type Opened = (tokio_postgres::Client, JoinHandle<()>, Arc<Mutex<Option<String>>>);
+
+/// Connects with `tls`; `None` when the server did not complete the startup in time.
+/// `connect_timeout` covers the TCP connect only; a server that accepts and then stalls during
+/// startup (or the TLS handshake) is bounded here.
+async fn open<T>(pg: &Config, tls: T) -> Option<Result<Opened, tokio_postgres::Error>>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let connected =
+        tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(5), pg.connect(tls)).await.ok()?;
+    let (client, connection) = match connected {
+        Ok(pair) => pair,
+        Err(e) => return Some(Err(e)),
+    };
+    let connection_error = Arc::new(Mutex::new(None));
+    let slot = connection_error.clone();
+    let connection = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            *slot.lock().expect("poisoned") = Some(facts(&e, false).message);
+        }
+    });
+    Some(Ok((client, connection, connection_error)))
+}
+
 /// A connection. Dropping it closes the socket at once, even mid-query: letting the driver
 /// drain the rest of a large result first would read the whole table for nothing.
 pub(crate) struct PgClient {
@@ -187,7 +293,11 @@ impl Drop for PgClient {
 impl PgClient {
     /// Reads the credentials and connects. The password goes from the secret straight into
     /// the driver's config (whose `Debug` redacts it); it is never formatted.
-    pub async fn connect(config: &PostgresConfig, credentials: &dyn CredentialProvider) -> Result<PgClient> {
+    ///
+    /// With `sslmode = prefer`, a failed TLS handshake is followed by one plain attempt, as in
+    /// libpq (a server that declines TLS is handled by the driver on the same connection).
+    pub async fn connect(shared: &Shared) -> Result<PgClient> {
+        let (config, tls, credentials) = (&shared.config, &shared.tls, shared.credentials.as_ref());
         let user = require_credential(credentials, USER_KEY).await?;
         let password = credentials.get_credential(PASSWORD_KEY).await?;
         let target = Arc::new(Target {
@@ -196,6 +306,8 @@ impl PgClient {
             database: config.database.clone(),
             user: user.expose_secret().to_string(),
             password_location: credentials.location_of(PASSWORD_KEY),
+            sslmode: tls.sslmode,
+            roots: tls.roots.clone(),
         });
 
         let mut pg = Config::new();
@@ -206,19 +318,32 @@ impl PgClient {
             .application_name("enterprise-connectors")
             .connect_timeout(CONNECT_TIMEOUT)
             .keepalives(true)
-            .ssl_mode(tokio_postgres::config::SslMode::Disable);
+            .ssl_mode(tls.driver_mode);
         if let Some(password) = &password {
             pg.password(password.expose_secret().as_bytes());
         }
-        // connect_timeout covers the TCP connect only; a server that accepts and then stalls
-        // during startup is bounded here.
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(5), pg.connect(NoTls)).await;
+        let mut opened = match &tls.connector {
+            Some(connector) => open(&pg, connector.clone()).await,
+            None => open(&pg, NoTls).await,
+        };
+        if tls.driver_mode == DriverSslMode::Prefer
+            && let Some(Err(e)) = &opened
+            && let failed = facts(e, true)
+            && failed.tls.is_some()
+        {
+            tracing::warn!(
+                address = %target.address(),
+                "TLS handshake failed with sslmode = prefer, connecting without TLS: {}",
+                failed.message
+            );
+            pg.ssl_mode(DriverSslMode::Disable);
+            opened = open(&pg, NoTls).await;
+        }
         drop(pg);
-        let (client, connection) = match connected {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Err(parse_error(&e, &target, true)),
-            Err(_) => {
+        let (client, connection, connection_error) = match opened {
+            Some(Ok(opened)) => opened,
+            Some(Err(e)) => return Err(parse_error(&e, &target, true)),
+            None => {
                 let facts = ErrorFacts {
                     message: "no answer during startup".into(),
                     io: Some(io::ErrorKind::TimedOut),
@@ -228,13 +353,6 @@ impl PgClient {
                 return Err(classify(&facts, &target));
             }
         };
-        let connection_error = Arc::new(Mutex::new(None));
-        let slot = connection_error.clone();
-        let connection = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                *slot.lock().expect("poisoned") = Some(facts(&e, false).message);
-            }
-        });
         let client = PgClient { client, connection, connection_error, target };
         client.client.batch_execute(SESSION_SETUP).await.map_err(|e| client.error(&e))?;
         Ok(client)
@@ -348,6 +466,8 @@ mod tests {
             database: "myapp".into(),
             user: "reader".into(),
             password_location: "environment variable ARAGORA_POSTGRES_PASSWORD".into(),
+            sslmode: SslMode::Prefer,
+            roots: None,
         }
     }
 
@@ -448,6 +568,82 @@ mod tests {
             let err = classify(&facts, &target());
             assert_eq!(err.kind(), kind, "{facts:?} -> {err}");
             assert!(err.to_string().contains(expected), "expected {expected:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn tls_failures_name_address_and_sslmode() {
+        let tls = |failure: TlsFailure, message: &str| ErrorFacts {
+            message: message.into(),
+            connecting: true,
+            io: Some(io::ErrorKind::InvalidData),
+            tls: Some(failure),
+            ..Default::default()
+        };
+        let verify = Target {
+            sslmode: SslMode::VerifyFull,
+            roots: Some("sslrootcert \"/etc/db-ca.pem\"".into()),
+            ..target()
+        };
+        let at = "cannot connect to PostgreSQL at db.internal:5433 with sslmode = ";
+        let table: Vec<(ErrorFacts, Target, ErrorKind, String)> = vec![
+            (
+                tls(TlsFailure::NotSupported, "error performing TLS handshake: server does not support TLS"),
+                Target { sslmode: SslMode::Require, ..target() },
+                ErrorKind::Config,
+                format!("{at}\"require\": the server does not accept TLS connections"),
+            ),
+            (
+                tls(
+                    TlsFailure::UnknownIssuer,
+                    "error performing TLS handshake: invalid peer certificate: UnknownIssuer",
+                ),
+                verify.clone(),
+                ErrorKind::Auth,
+                format!(
+                    "{at}\"verify-full\": the server's certificate is not signed by a CA in \
+                     sslrootcert \"/etc/db-ca.pem\" (error performing TLS handshake: invalid peer certificate"
+                ),
+            ),
+            (
+                tls(TlsFailure::NameMismatch, "certificate not valid for name \"db.internal\""),
+                verify.clone(),
+                ErrorKind::Auth,
+                format!(
+                    "{at}\"verify-full\": the server's certificate is not valid for host name \"db.internal\""
+                ),
+            ),
+            (
+                tls(TlsFailure::Certificate, "invalid peer certificate: Expired"),
+                verify.clone(),
+                ErrorKind::Auth,
+                format!(
+                    "{at}\"verify-full\": the server's certificate was rejected (invalid peer certificate: Expired)"
+                ),
+            ),
+            (
+                tls(TlsFailure::Protocol, "received fatal alert: ProtocolVersion"),
+                Target { sslmode: SslMode::Require, ..target() },
+                ErrorKind::Config,
+                format!("{at}\"require\": the TLS handshake failed (received fatal alert: ProtocolVersion)"),
+            ),
+            (
+                ErrorFacts {
+                    io: Some(io::ErrorKind::UnexpectedEof),
+                    ..tls(TlsFailure::Network, "unexpected EOF")
+                },
+                verify.clone(),
+                ErrorKind::Transient,
+                format!(
+                    "{at}\"verify-full\": the connection broke during the TLS handshake (unexpected EOF)"
+                ),
+            ),
+        ];
+        for (facts, target, kind, expected) in table {
+            let err = classify(&facts, &target);
+            assert_eq!(err.kind(), kind, "{facts:?} -> {err}");
+            assert_eq!(err.is_retryable(), kind == ErrorKind::Transient, "{err}");
+            assert!(err.to_string().starts_with(&expected), "expected {expected:?} at the start of {err}");
         }
     }
 

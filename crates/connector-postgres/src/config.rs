@@ -1,6 +1,8 @@
 //! [`PostgresConfig`]: the options of a `type = "postgres"` connector, as named in the setup guide.
 
 use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
 
 use connector_core::{ConnectorId, Error, Result, TenantId};
 use serde::{Deserialize, Serialize};
@@ -15,27 +17,66 @@ pub const MAX_POOL_SIZE: usize = 64;
 /// The largest [`PostgresConfig::batch_size`]: larger batches only cost memory.
 pub const MAX_BATCH_SIZE: usize = 100_000;
 
-/// Whether the connection is encrypted, with libpq's names.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// Whether and how the connection is encrypted and the server authenticated, with libpq's
+/// names and meanings. See the "TLS" section of the [crate docs](crate).
+///
+/// TLS is never used over a Unix socket (a `host` starting with `/`), whatever the mode: as in
+/// libpq, the mode only applies to TCP connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SslMode {
-    /// Plain TCP (or a Unix socket). The only mode supported so far.
-    #[default]
+    /// Plain TCP: never TLS.
     Disable,
-    /// TLS when the server offers it. Not supported yet: rejected by [`PostgresConfig::validate`].
+    /// TLS when the server offers it, else plain TCP (also when the TLS handshake fails). The
+    /// certificate is not verified. The default, as in libpq.
+    #[default]
     Prefer,
-    /// TLS or fail. Not supported yet: rejected by [`PostgresConfig::validate`].
+    /// TLS or fail. The certificate is not verified (the connection is encrypted, but a
+    /// man in the middle cannot be told apart from the server), except that with
+    /// [`sslrootcert`](PostgresConfig::sslrootcert) set the chain is verified as with
+    /// [`VerifyCa`](SslMode::VerifyCa), as libpq does.
     Require,
+    /// TLS, and the certificate chain must lead to a trusted root (`sslrootcert`, else the
+    /// system's roots). The host name is not checked.
+    VerifyCa,
+    /// TLS, a trusted chain, and a certificate issued for `host` (a DNS name, or an IP
+    /// address listed as such in the certificate).
+    VerifyFull,
 }
 
 impl SslMode {
-    /// The libpq name (`disable`).
+    /// Every mode, weakest first.
+    pub const ALL: [SslMode; 5] =
+        [SslMode::Disable, SslMode::Prefer, SslMode::Require, SslMode::VerifyCa, SslMode::VerifyFull];
+
+    /// The libpq name (`verify-full`).
     pub fn as_str(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
             SslMode::Prefer => "prefer",
             SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
         }
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = Error;
+
+    /// Parses a libpq name; the error names the key, the value and the accepted values.
+    fn from_str(value: &str) -> Result<Self> {
+        SslMode::ALL.into_iter().find(|mode| mode.as_str() == value).ok_or_else(|| {
+            let names: Vec<&str> = SslMode::ALL.iter().map(|m| m.as_str()).collect();
+            Error::config(format!("sslmode = {value:?}: expected one of {}", names.join(", ")))
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for SslMode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let value = String::deserialize(deserializer)?;
+        value.parse().map_err(|e: Error| serde::de::Error::custom(e.message()))
     }
 }
 
@@ -99,10 +140,16 @@ pub struct PostgresConfig {
     /// The most rows in one batch (one store write and one checkpoint). Default `1000`.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
-    /// Transport security: `disable` (default), `prefer` or `require`. Only `disable` is
-    /// supported so far; the others are rejected with a configuration error.
+    /// Transport security, as in libpq: `disable`, `prefer` (default), `require`, `verify-ca`
+    /// or `verify-full`. See [`SslMode`].
     #[serde(default)]
     pub sslmode: SslMode,
+    /// A PEM file of the certificates (root CAs, and intermediates if the server does not send
+    /// them) that `verify-ca` and `verify-full` trust instead of the system's roots; with
+    /// `require`, setting it turns on the chain check (as in libpq). Not allowed with `disable`
+    /// or `prefer`, which never verify. Read when the connector is created.
+    #[serde(default)]
+    pub sslrootcert: Option<PathBuf>,
 }
 
 fn default_host() -> String {
@@ -145,6 +192,7 @@ impl PostgresConfig {
             pool_size: default_pool_size(),
             batch_size: default_batch_size(),
             sslmode: SslMode::default(),
+            sslrootcert: None,
         }
     }
 
@@ -228,16 +276,28 @@ impl PostgresConfig {
                 &format!("must be between 1 and {MAX_BATCH_SIZE}"),
             );
         }
-        match self.sslmode {
-            SslMode::Disable => {}
-            SslMode::Prefer | SslMode::Require => {
+        if let Some(path) = &self.sslrootcert {
+            if path.as_os_str().is_empty() {
                 return invalid(
-                    "sslmode",
-                    &self.sslmode.as_str(),
-                    "TLS is not supported by this version of the postgres connector yet; use \"disable\" \
-                     (for example over a Unix socket, a private network or an SSH/stunnel tunnel)",
+                    "sslrootcert",
+                    &path,
+                    "must not be empty (leave it out to trust the system's roots)",
                 );
             }
+            if matches!(self.sslmode, SslMode::Disable | SslMode::Prefer) {
+                return invalid(
+                    "sslrootcert",
+                    &path,
+                    &format!(
+                        "is never used with sslmode = \"{}\"; set sslmode = \"verify-full\" (or \"verify-ca\") \
+                         to verify the server's certificate against it",
+                        self.sslmode
+                    ),
+                );
+            }
+            // A missing, unreadable or empty file is a configuration error now, not at the
+            // first connection.
+            crate::tls::load_root_file(path)?;
         }
         Ok(())
     }
@@ -262,7 +322,7 @@ fn check_name(key: &str, value: &str) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use connector_core::ErrorKind;
 
@@ -292,7 +352,8 @@ mod tests {
         cfg.validate().unwrap();
         assert_eq!(cfg.connector_id().as_str(), "docs-db");
         assert_eq!(cfg.batch_size, 1000);
-        assert_eq!(cfg.sslmode, SslMode::Disable);
+        assert_eq!(cfg.sslmode, SslMode::Prefer, "libpq's default");
+        assert_eq!(cfg.sslrootcert, None);
         assert_eq!(cfg.stream_name("faq"), "public.faq");
 
         let minimal: PostgresConfig =
@@ -319,11 +380,29 @@ mod tests {
             toml::from_str::<PostgresConfig>("tenant_id = \"t\"\ntables = [\"x\"]").unwrap_err().to_string();
         assert!(err.contains("database"), "{err}");
         let err = toml::from_str::<PostgresConfig>(
-            "tenant_id = \"t\"\ndatabase = \"d\"\ntables = [\"x\"]\nsslmode = \"verify-full\"",
+            "tenant_id = \"t\"\ndatabase = \"d\"\ntables = [\"x\"]\nsslmode = \"verify_full\"",
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("verify-full") && err.contains("disable"), "{err}");
+        assert!(
+            err.contains(
+                "sslmode = \"verify_full\": expected one of disable, prefer, require, verify-ca, verify-full"
+            ),
+            "{err}"
+        );
+        // The registry deserializes from a `toml::Value`, whose errors carry no line: the
+        // message itself names the key.
+        let table: toml::Table =
+            toml::from_str("tenant_id = \"t\"\ndatabase = \"d\"\ntables = [\"x\"]\nsslmode = \"on\"")
+                .unwrap();
+        let err = PostgresConfig::deserialize(toml::Value::Table(table)).unwrap_err();
+        assert!(err.message().contains("sslmode = \"on\": expected one of"), "{err}");
+        let err = toml::from_str::<PostgresConfig>(
+            "tenant_id = \"t\"\ndatabase = \"d\"\ntables = [\"x\"]\nsslrootcert = 5",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sslrootcert"), "{err}");
         let err =
             toml::from_str::<PostgresConfig>("tenant_id = \"../t\"\ndatabase = \"d\"\ntables = [\"x\"]")
                 .unwrap_err()
@@ -365,8 +444,26 @@ mod tests {
             (|c| c.pool_size = 0, "pool_size = 0: must be between 1 and 64"),
             (|c| c.pool_size = 65, "pool_size = 65"),
             (|c| c.batch_size = 0, "batch_size = 0"),
-            (|c| c.sslmode = SslMode::Require, "sslmode = \"require\": TLS is not supported"),
-            (|c| c.sslmode = SslMode::Prefer, "sslmode = \"prefer\": TLS is not supported"),
+            (
+                |c| c.sslrootcert = Some("/etc/ca.pem".into()),
+                "sslrootcert = \"/etc/ca.pem\": is never used with sslmode = \"prefer\"; set sslmode = \"verify-full\"",
+            ),
+            (
+                |c| (c.sslmode, c.sslrootcert) = (SslMode::Disable, Some("/etc/ca.pem".into())),
+                "sslrootcert = \"/etc/ca.pem\": is never used with sslmode = \"disable\"",
+            ),
+            (
+                |c| (c.sslmode, c.sslrootcert) = (SslMode::VerifyFull, Some("".into())),
+                "sslrootcert = \"\": must not be empty",
+            ),
+            (
+                |c| (c.sslmode, c.sslrootcert) = (SslMode::VerifyCa, Some("/nonexistent/ca.pem".into())),
+                "sslrootcert = \"/nonexistent/ca.pem\": cannot read the file: No such file or directory",
+            ),
+            (
+                |c| (c.sslmode, c.sslrootcert) = (SslMode::Require, Some("/".into())),
+                "sslrootcert = \"/\": cannot read the file",
+            ),
         ];
         for (edit, expected) in cases {
             let mut cfg = base();
@@ -374,6 +471,85 @@ mod tests {
             let err = cfg.validate().unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Config);
             assert!(err.to_string().contains(expected), "expected {expected:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn sslmode_names_are_libpqs() {
+        for (name, mode) in [
+            ("disable", SslMode::Disable),
+            ("prefer", SslMode::Prefer),
+            ("require", SslMode::Require),
+            ("verify-ca", SslMode::VerifyCa),
+            ("verify-full", SslMode::VerifyFull),
+        ] {
+            assert_eq!(name.parse::<SslMode>().unwrap(), mode);
+            assert_eq!(mode.to_string(), name);
+            let cfg: PostgresConfig = toml::from_str(&format!(
+                "tenant_id = \"t\"\ndatabase = \"d\"\ntables = [\"x\"]\nsslmode = \"{name}\""
+            ))
+            .unwrap();
+            assert_eq!(cfg.sslmode, mode);
+            cfg.validate().unwrap();
+            // Serializing gives the same name back.
+            assert!(toml::to_string(&cfg).unwrap().contains(&format!("sslmode = \"{name}\"")));
+        }
+        for bad in ["", "Require", "verify_full", "allow", "true"] {
+            let err = bad.parse::<SslMode>().unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(err.to_string().contains(&format!("sslmode = {bad:?}: expected one of")), "{err}");
+        }
+    }
+
+    /// A self-signed CA certificate (EC P-256, valid until 2126), for loading only.
+    pub(crate) const TEST_CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBvDCCAWGgAwIBAgIUWgTAANRQ0FtAdNTCs13On/uJjpcwCgYIKoZIzj0EAwIw
+KjEoMCYGA1UEAwwfY29ubmVjdG9yLXBvc3RncmVzIHVuaXQgdGVzdCBDQTAgFw0y
+NjExMjIwMzQ5MjVaGA8yMTI2MTAyOTAzNDkyNVowKjEoMCYGA1UEAwwfY29ubmVj
+dG9yLXBvc3RncmVzIHVuaXQgdGVzdCBDQTBZMBMGByqGSM49AgEGCCqGSM49AwEH
+A0IABI0SVQIjjM4bdHjOlKA8tqTVvc90RZN1zOzB9VEs0Hh7XgdaQ/Ca16R7xZyh
+/h9nNrwfnP2l1NCEI63dD+5P6MGjYzBhMB0GA1UdDgQWBBQeL//XJKLJly+ueahc
+mVNN3RAqkDAfBgNVHSMEGDAWgBQeL//XJKLJly+ueahcmVNN3RAqkDAPBgNVHRMB
+Af8EBTADAQH/MA4GA1UdDwEB/wQEAwIBBjAKBggqhkjOPQQDAgNJADBGAiEA9QVP
+k/Zvut1LKK/uyaBGrTcGQyOh78bEPyxZwxF8poICIQDuJq0W78p5uQyQOXv6g1h/
+NBJwE4uiQ5Bt+cLAet+aSA==
+-----END CERTIFICATE-----
+";
+
+    #[test]
+    fn sslrootcert_must_hold_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let good = file("ca.pem", &format!("# our CA\n{TEST_CA_PEM}"));
+        let cases = [
+            (file("empty.pem", ""), "contains no PEM certificate"),
+            (
+                file("key-only.pem", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"),
+                "contains no PEM certificate",
+            ),
+            (file("text.pem", "not a certificate at all\n"), "contains no PEM certificate"),
+            (file("truncated.pem", &TEST_CA_PEM[..200]), "is not a valid PEM file"),
+            (
+                file("not-der.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+                "certificate 1 cannot be used as a root",
+            ),
+        ];
+        for mode in [SslMode::Require, SslMode::VerifyCa, SslMode::VerifyFull] {
+            let mut cfg = base();
+            cfg.sslmode = mode;
+            cfg.sslrootcert = Some(good.clone());
+            cfg.validate().unwrap();
+            for (path, expected) in &cases {
+                cfg.sslrootcert = Some(path.clone());
+                let err = cfg.validate().unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::Config);
+                let text = err.to_string();
+                assert!(text.contains(&format!("sslrootcert = {path:?}: {expected}")), "{mode}: {text}");
+            }
         }
     }
 

@@ -15,6 +15,7 @@ use crate::client::PgClient;
 use crate::config::PostgresConfig;
 use crate::reader::{Limits, read_tables};
 use crate::sql::{TablePlan, qualified};
+use crate::tls::Tls;
 
 /// Below this many estimated rows the estimate is an exact `count(*)`: cheap, and fresh
 /// tables have not been analyzed yet.
@@ -23,6 +24,8 @@ const EXACT_COUNT_BELOW: f64 = 100_000.0;
 /// What the reader tasks share with the connector.
 pub(crate) struct Shared {
     pub config: PostgresConfig,
+    /// TLS of every connection, built from the config once.
+    pub tls: Tls,
     pub credentials: Arc<dyn CredentialProvider>,
     pub shutdown: CancellationToken,
 }
@@ -44,10 +47,12 @@ impl std::fmt::Debug for PostgresConnector {
 }
 
 impl PostgresConnector {
-    /// Validates `config` and builds the connector. Does not connect: see
+    /// Validates `config`, reads the TLS roots (`sslrootcert`, or the system's roots for
+    /// `verify-ca`/`verify-full`) and builds the connector. Does not connect: see
     /// [`Connector::check`].
     pub fn new(config: PostgresConfig, ctx: &ConnectorContext) -> Result<Self> {
         config.validate()?;
+        let tls = Tls::new(&config)?;
         if let Some(channel) = &config.notify_channel {
             tracing::info!(
                 channel = %channel,
@@ -59,6 +64,7 @@ impl PostgresConnector {
             id: config.connector_id(),
             shared: Arc::new(Shared {
                 config,
+                tls,
                 credentials: ctx.credentials.clone(),
                 shutdown: ctx.shutdown.clone(),
             }),
@@ -76,7 +82,7 @@ impl PostgresConnector {
     }
 
     async fn connect(&self) -> Result<PgClient> {
-        PgClient::connect(&self.shared.config, self.shared.credentials.as_ref()).await
+        PgClient::connect(&self.shared).await
     }
 
     async fn check_table(&self, client: &PgClient, table: &str) -> Result<()> {

@@ -8,6 +8,7 @@ mod connector;
 mod decode;
 mod reader;
 mod sql;
+mod tls;
 
 pub use client::{CONNECT_TIMEOUT, PASSWORD_KEY, USER_KEY};
 pub use config::{PostgresConfig, SslMode};

@@ -98,7 +98,7 @@ async fn read_table(
     let started = Instant::now();
     let stream_name = shared.config.stream_name(table);
     let cursor = cursor.map(|c| KeysetCursor::from_cursor(&stream_name, &c)).transpose()?;
-    let client = PgClient::connect(&shared.config, shared.credentials.as_ref()).await?;
+    let client = PgClient::connect(shared).await?;
     let columns = client.table_columns(&shared.config.schema, table).await?;
     if columns.is_empty() {
         return Err(client.table_not_found(&shared.config.schema, table).await);

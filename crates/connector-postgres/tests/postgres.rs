@@ -2,6 +2,7 @@
 //! about reading tables, cursors, errors and connection use.
 
 mod common;
+mod tls;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -16,7 +16,9 @@
 //!
 //! `cargo xtask test` starts one server for the whole run and passes it to every test process
 //! through [`PORT_ENV`] and [`PASSWORD_ENV`]; without them (a plain `cargo test`), each test
-//! process starts its own. Tests that stop or kill the server use [`PgServer::start`] instead.
+//! process starts its own. Tests that stop or kill the server use [`PgServer::start`] instead,
+//! and tests that need other server settings (TLS, for one) [`PgServer::start_with_options`] or
+//! [`PgServer::start_with_files`].
 //!
 //! Every server started here is stopped and its files removed when its owner goes away: by `Drop`,
 //! and by a small watchdog process when the owning process exits without running destructors
@@ -29,6 +31,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -85,6 +88,8 @@ struct Owned {
     as_postgres: bool,
     run_dir: PathBuf,
     watchdog: Option<Child>,
+    /// Extra `-c name=value` settings, after [`SERVER_SETTINGS`].
+    settings: Vec<(String, String)>,
 }
 
 impl Owned {
@@ -147,6 +152,48 @@ impl PgServer {
     ///
     /// Blocks for about half a second (a few seconds the first time on a machine, to run initdb).
     pub fn start() -> Result<PgServer> {
+        Self::start_with_files(&[], &[])
+    }
+
+    /// Like [`start`](Self::start), with extra server settings, each passed as
+    /// `-c name=value` after the testkit's own (so they win): e.g. `[("ssl", "on"),
+    /// ("log_connections", "on")]`.
+    pub fn start_with_options(settings: &[(&str, &str)]) -> Result<PgServer> {
+        Self::start_with_files(settings, &[])
+    }
+
+    /// Like [`start_with_options`](Self::start_with_options), and first writes `files`
+    /// (name, contents) into the server's data folder, owned by the user the server runs as and
+    /// readable by it alone (mode 0600, as PostgreSQL wants for a TLS key). PostgreSQL resolves
+    /// relative paths in settings against the data folder, so settings can name the files
+    /// directly:
+    ///
+    /// ```no_run
+    /// # fn example(cert: &[u8], key: &[u8]) -> anyhow::Result<()> {
+    /// use connector_testkit::PgServer;
+    ///
+    /// let tls = PgServer::start_with_files(
+    ///     &[("ssl", "on"), ("ssl_cert_file", "server.crt"), ("ssl_key_file", "server.key")],
+    ///     &[("server.crt", cert), ("server.key", key)],
+    /// )?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// The files go away with the server. Names must be plain file names (no `/`).
+    pub fn start_with_files(settings: &[(&str, &str)], files: &[(&str, &[u8])]) -> Result<PgServer> {
+        for (name, _) in settings {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+                bail!("server setting name {name:?}: expected letters, digits, `_` and `.`");
+            }
+        }
+        for (name, _) in files {
+            if name.is_empty() || name.contains('/') || *name == "." || *name == ".." {
+                bail!("server file name {name:?}: expected a plain file name");
+            }
+        }
+        let settings: Vec<(String, String)> =
+            settings.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect();
         let bins = PgBinaries::find()?;
         let as_postgres = running_as_root();
         let template = template(&bins, as_postgres)?;
@@ -163,7 +210,7 @@ impl PgServer {
             port: 0,
             password: Self::SUPERUSER_PASSWORD.to_owned(),
             pid: None,
-            owned: Some(Owned { bins, as_postgres, run_dir, watchdog: None }),
+            owned: Some(Owned { bins, as_postgres, run_dir, watchdog: None, settings }),
             next_db: AtomicU64::new(0),
         };
         // From here on, an error drops `server`, which removes the folder.
@@ -171,6 +218,16 @@ impl PgServer {
         owned.watchdog = Some(spawn_watchdog(owned)?);
         run(Command::new("cp").arg("-a").arg(&template).arg(owned.data_dir()), "copying the template")?;
         fs::create_dir(owned.socket_dir())?;
+        for (name, contents) in files {
+            let path = owned.data_dir().join(name);
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            file.write_all(contents).with_context(|| format!("writing {}", path.display()))?;
+        }
         if as_postgres {
             chown_postgres(&owned.run_dir)?;
         }
@@ -549,6 +606,11 @@ fn start_postmaster(owned: &Owned, port: u16) -> Result<()> {
         options.push_str(" -c ");
         options.push_str(setting);
     }
+    // pg_ctl hands the options to a shell: quote each extra setting as one word.
+    for (name, value) in &owned.settings {
+        options.push_str(" -c ");
+        options.push_str(&shell_quote(&format!("{name}={value}")));
+    }
     let mut start = owned.pg_ctl();
     start
         .arg("-D")
@@ -562,6 +624,11 @@ fn start_postmaster(owned: &Owned, port: u16) -> Result<()> {
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         err.context(format!("server log {}:\n{}", owned.log_file().display(), tail.join("\n")))
     })
+}
+
+/// `text` as one single-quoted shell word.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 fn port_taken(owned: &Owned) -> bool {
@@ -655,5 +722,16 @@ mod tests {
         let long = server.unique_database_name(&"x".repeat(200));
         assert!(long.len() <= 63, "{long} is longer than PostgreSQL's 63-byte limit");
         assert!(server.unique_database_name("9lives").starts_with("d9lives_"));
+    }
+
+    #[test]
+    fn settings_are_quoted_for_the_shell() {
+        assert_eq!(shell_quote("ssl=on"), "'ssl=on'");
+        assert_eq!(shell_quote("cluster_name=it's"), r"'cluster_name=it'\''s'");
+        let out = Command::new("sh")
+            .args(["-c", &format!("printf %s {}", shell_quote("a b'c$HOME\"d"))])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a b'c$HOME\"d");
     }
 }

@@ -89,6 +89,40 @@ fn owned_server_trusts_its_socket_and_cleans_up_on_drop() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn owned_server_takes_extra_settings_and_files() -> Result<()> {
+    // A value with a space and a quote must reach the server as one word.
+    let pg = tokio::task::spawn_blocking(|| {
+        PgServer::start_with_files(
+            &[("cluster_name", "it's a test"), ("work_mem", "7MB")],
+            &[("note.txt", b"hello from the testkit")],
+        )
+    })
+    .await??;
+    let client = pg.client("postgres").await?;
+    let name: String = client.query_one("SHOW cluster_name", &[]).await?.get(0);
+    assert_eq!(name, "it's a test");
+    let work_mem: String = client.query_one("SHOW work_mem", &[]).await?.get(0);
+    assert_eq!(work_mem, "7MB");
+    // Relative paths are relative to the data folder; the server's user can read the file.
+    let note: String = client.query_one("SELECT pg_read_file('note.txt')", &[]).await?.get(0);
+    assert_eq!(note, "hello from the testkit");
+    let path = pg.data_dir().unwrap().join("note.txt");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, 0o600);
+    // The testkit's own settings still apply.
+    let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+    assert_eq!(wal_level, "logical");
+    drop(client);
+    tokio::task::spawn_blocking(move || pg.stop()).await??;
+
+    let err = PgServer::start_with_options(&[("bad name", "1")]).unwrap_err();
+    assert!(err.to_string().contains("server setting name \"bad name\""), "{err}");
+    let err = PgServer::start_with_files(&[], &[("../x", b"")]).unwrap_err();
+    assert!(err.to_string().contains("server file name \"../x\""), "{err}");
+    Ok(())
+}
+
 /// Started by the test below in a child process, which it then kills with SIGKILL.
 #[test]
 #[ignore = "helper process for watchdog_stops_server_when_owner_is_killed"]

@@ -203,9 +203,10 @@ pub async fn status(path: &Path, args: StatusArgs) -> Outcome {
                 "errors": s.errors,
             }))?;
         } else {
-            let last = s
-                .last_sync_at
-                .map_or_else(|| "never".to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            let last = s.last_sync_at.map_or_else(
+                || "never".to_string(),
+                |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            );
             println!(
                 "{} ({}, {}): {} - last sync {last}, {} items synced, {documents} documents in store{}",
                 s.connector_id,
