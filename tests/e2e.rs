@@ -451,7 +451,9 @@ async fn postgres_store_and_state_for_shared_deployments() {
     assert_eq!(hits[0]["id"], "documents:7");
     assert!(!env.home().join("sync_state").exists(), "state went to PostgreSQL");
     // The store URL carries a password: no output shows it, even at trace level.
-    for args in [&["status"][..], &["sync", "--full"][..], &["search", "quasar", "--tenant", "workspace-1"][..]] {
+    for args in
+        [&["status"][..], &["sync", "--full"][..], &["search", "quasar", "--tenant", "workspace-1"][..]]
+    {
         let out = env.command(&config, args).env("RUST_LOG", "trace").output().unwrap();
         assert_eq!(out.status.code(), Some(0), "{}", text(&out));
         assert!(!text(&out).contains(PgServer::SUPERUSER_PASSWORD), "password leaked by {args:?}");
@@ -459,7 +461,9 @@ async fn postgres_store_and_state_for_shared_deployments() {
     let bad = config.with_file_name("bad-store.toml");
     std::fs::write(
         &bad,
-        std::fs::read_to_string(&config).unwrap().replace(PgServer::SUPERUSER_PASSWORD, "Wr0ng-store-pw-9931"),
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(PgServer::SUPERUSER_PASSWORD, "Wr0ng-store-pw-9931"),
     )
     .unwrap();
     let out = env.command(&bad, &["status"]).env("RUST_LOG", "trace").output().unwrap();
