@@ -94,7 +94,7 @@ impl Tls {
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::internal(format!("postgres connector: TLS setup: {e}")))?;
         let (client, roots) = if check == Check::None {
-            let verifier = Arc::new(NoCertificateCheck { algorithms });
+            let verifier = Arc::new(CertificateCheck { roots: None, algorithms });
             (builder.dangerous().with_custom_certificate_verifier(verifier), None)
         } else {
             let (roots, described) = match &config.sslrootcert {
@@ -103,9 +103,10 @@ impl Tls {
             };
             let roots = Arc::new(roots);
             let builder = if check == Check::Chain {
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(ChainCheck { roots, algorithms }))
+                builder.dangerous().with_custom_certificate_verifier(Arc::new(CertificateCheck {
+                    roots: Some(roots),
+                    algorithms,
+                }))
             } else {
                 let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider)
                     .build()
@@ -163,58 +164,18 @@ fn native_roots(sslmode: SslMode) -> Result<RootCertStore> {
     Ok(roots)
 }
 
-/// `prefer` and `require`: any certificate is accepted, but the handshake signatures are
-/// verified, so the connection is encrypted with a key the server holds (just not one anybody
-/// vouched for).
+/// The certificate check of the modes rustls' standard verifier does not cover. The handshake
+/// signatures are always verified, so the connection is encrypted with a key the server holds.
+/// - `roots: None` (`prefer`, `require`): any certificate is accepted (nobody vouched for it).
+/// - `roots: Some` (`verify-ca`, and `require` with `sslrootcert`): the chain must lead to a
+///   trusted root and be valid now for server authentication; the host name is not compared.
 #[derive(Debug)]
-struct NoCertificateCheck {
+struct CertificateCheck {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for NoCertificateCheck {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca` (and `require` with `sslrootcert`): the chain must lead to a trusted root and
-/// be valid now for server authentication; the host name is not compared.
-#[derive(Debug)]
-struct ChainCheck {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for ChainCheck {
+impl ServerCertVerifier for CertificateCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -223,14 +184,16 @@ impl ServerCertVerifier for ChainCheck {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
