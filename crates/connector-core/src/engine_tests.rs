@@ -293,3 +293,20 @@ async fn two_syncs_of_one_connector_cannot_overlap_across_engines() {
     assert!(!r.success);
     assert!(r.errors[0].contains("another sync of fake for tenant t1 is running"), "{r:?}");
 }
+
+#[tokio::test]
+async fn search_ranks_all_matches_and_snips_the_best() {
+    let h = harness().await;
+    for i in 0..300 {
+        let extra = if i == 150 { " beacon beacon beacon" } else { "" };
+        h.source.put(&format!("r{i:03}"), &format!("common words everywhere number {i}{extra} beacon"));
+    }
+    assert!(h.engine.sync(opts()).await.success);
+    let hits = h.store.search(h.source.tenant_id(), "beacon", 3).await.unwrap();
+    assert_eq!(hits.len(), 3);
+    assert_eq!(hits[0].id, "r150", "the document with the most occurrences ranks first: {hits:?}");
+    assert!(hits.windows(2).all(|w| w[0].score >= w[1].score), "{hits:?}");
+    assert!(hits.iter().all(|h| h.snippet.contains("[beacon]")), "{hits:?}");
+    let other = TenantId::new("someone-else").unwrap();
+    assert!(h.store.search(&other, "beacon", 3).await.unwrap().is_empty());
+}

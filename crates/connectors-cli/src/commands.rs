@@ -72,7 +72,7 @@ fn attach_progress(engine: &SyncEngine, json: bool) -> Option<ProgressBar> {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
             ProgressStyle::with_template(
-                "{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} items ({per_sec})",
+                "{prefix} [{elapsed_precise}] {bar:30} {human_pos}/{human_len} items, {eta} left",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );

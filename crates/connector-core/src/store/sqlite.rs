@@ -26,6 +26,10 @@ const ROWS_PER_STATEMENT: usize = 400;
 /// Ids per `IN (...)` list.
 const IDS_PER_STATEMENT: usize = 900;
 
+const SCHEMA_VERSION: &str = "1";
+
+/// Run once, in one transaction, when the store is new. Every statement is idempotent, so two
+/// processes creating the same store at once are safe.
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS documents (
         rowid INTEGER PRIMARY KEY,
@@ -50,11 +54,12 @@ const SCHEMA: &[&str] = &[
         tokenize='unicode61 remove_diacritics 2'
     )",
     "CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "INSERT OR IGNORE INTO store_meta (key, value) VALUES ('schema_version', '1')",
     // Merge index segments less eagerly: bulk loads spend far less time re-merging (measured
     // 35% less indexing time at 16 than at the default 4) for a few more segments per level.
     "INSERT INTO documents_fts (documents_fts, rank) VALUES ('automerge', 16)",
     "INSERT INTO documents_fts (documents_fts, rank) VALUES ('crisismerge', 64)",
+    // Last: its presence says the schema is complete.
+    "INSERT OR IGNORE INTO store_meta (key, value) VALUES ('schema_version', '1')",
 ];
 
 /// The embedded store. Writes go through one connection at a time (SQLite has one writer);
@@ -108,11 +113,29 @@ impl SqliteKnowledgeStore {
     }
 
     async fn init(pool: SqlitePool, path: PathBuf) -> Result<Self> {
-        for sql in SCHEMA {
-            sqlx::query(*sql).execute(&pool).await.map_err(|e| {
-                Error::store(format!("creating the schema in {}", path.display())).with_source(e)
-            })?;
+        // Readers (search, status, export) must not write: a write would wait for the write
+        // lock behind a running sync. So the schema is created only when it is missing.
+        let version: Option<String> =
+            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'schema_version'")
+                .fetch_optional(&pool)
+                .await
+                .unwrap_or(None);
+        match version.as_deref() {
+            Some(SCHEMA_VERSION) => return Ok(Self { pool, path }),
+            Some(other) => {
+                return Err(Error::store(format!(
+                    "{} has store schema version {other}; this program uses {SCHEMA_VERSION}",
+                    path.display()
+                )));
+            }
+            None => {}
         }
+        let creating = |e| Error::store(format!("creating the schema in {}", path.display())).with_source(e);
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(creating)?;
+        for sql in SCHEMA {
+            sqlx::query(*sql).execute(&mut *tx).await.map_err(creating)?;
+        }
+        tx.commit().await.map_err(creating)?;
         Ok(Self { pool, path })
     }
 
@@ -422,13 +445,22 @@ impl KnowledgeStore for SqliteKnowledgeStore {
 
     async fn search(&self, tenant: &TenantId, query: &str, limit: usize) -> Result<Vec<SearchHit>> {
         let fts_query = search_terms(query)?.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(" ");
+        // The full-text match drives the query (CROSS JOIN fixes SQLite's join order: with the
+        // tenant's rows as the outer loop the match would run once per row). Every match is
+        // ranked, but snippets are cut for the best `limit` only: snippet() re-tokenizes a
+        // document, too slow to do for every match of a common word in a large store.
         let rows = sqlx::query(
-            "SELECT d.id, d.connector_id, d.kind, d.title, d.url, \
-                    snippet(documents_fts, 1, '[', ']', '…', 24) AS snippet, \
-                    bm25(documents_fts, 3.0, 1.0) AS rank \
-             FROM documents_fts JOIN documents d ON d.rowid = documents_fts.rowid \
-             WHERE documents_fts MATCH ? AND d.tenant_id = ? \
-             ORDER BY rank LIMIT ?",
+            "WITH top AS MATERIALIZED ( \
+                 SELECT documents_fts.rowid AS rid, bm25(documents_fts, 3.0, 1.0) AS rank \
+                 FROM documents_fts CROSS JOIN documents d ON d.rowid = documents_fts.rowid \
+                 WHERE documents_fts MATCH ?1 AND d.tenant_id = ?2 \
+                 ORDER BY rank LIMIT ?3) \
+             SELECT d.id, d.connector_id, d.kind, d.title, d.url, \
+                    snippet(documents_fts, 1, '[', ']', '…', 24) AS snippet, top.rank AS rank \
+             FROM top CROSS JOIN documents_fts ON documents_fts.rowid = top.rid \
+                  CROSS JOIN documents d ON d.rowid = top.rid \
+             WHERE documents_fts MATCH ?1 \
+             ORDER BY top.rank",
         )
         .bind(fts_query)
         .bind(tenant.as_str())
