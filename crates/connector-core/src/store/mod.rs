@@ -98,7 +98,8 @@ pub struct ApplyOutcome {
     pub outcomes: Vec<ChangeOutcome>,
     /// Time spent writing documents.
     pub write_time: Duration,
-    /// Time spent maintaining the search index.
+    /// Time spent maintaining the search index inside `apply` (zero for stores that index in
+    /// the background: see [`KnowledgeStore::index_busy`]).
     pub index_time: Duration,
 }
 
@@ -148,6 +149,19 @@ pub trait KnowledgeStore: Send + Sync {
 
     /// Where the store is, for messages (never a password).
     fn describe(&self) -> String;
+
+    /// Waits until search sees every write this process committed. A store that indexes in
+    /// the background (the embedded one) catches up here; others return at once. The engine
+    /// calls it at the end of each sync, so a finished sync is searchable.
+    async fn flush_index(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Total time spent maintaining the search index in the background since the store was
+    /// opened (zero for stores that index inside `apply`).
+    fn index_busy(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Which changes of a batch take effect: when an id appears more than once, the last change
