@@ -11,6 +11,8 @@ pub mod filter;
 pub mod home;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "oauth")]
+pub mod oauth;
 
 pub mod ids;
 pub mod state;
@@ -20,8 +22,11 @@ pub use connector::{
     Batch, Capabilities, Checkpoint, Connector, ConnectorContext, Cursor, Cursors, ReadMode, ReadRequest,
 };
 pub use credentials::{
-    CredentialProvider, EnvCredentialProvider, ExposeSecret, SecretString, StaticCredentialProvider,
+    CachedCredentialProvider, ChainCredentialProvider, CredentialProvider, EnvCredentialProvider,
+    ExposeSecret, SecretString, StaticCredentialProvider,
 };
+#[cfg(feature = "vault")]
+pub use credentials::{VaultConfig, VaultCredentialProvider};
 pub use document::{Change, Document, ItemFailure};
 
 pub use error::{Error, ErrorKind, Result, RetryClass};

@@ -1,8 +1,13 @@
 //! Test servers, vendor fakes and the conformance suite.
 //!
 //! - [`postgres`]: a real PostgreSQL server per test run ([`PgServer`]).
+//! - [`vault`]: a HashiCorp Vault fake, KV v2 and AppRole ([`VaultFake`]; feature `conformance`).
 #![deny(missing_docs)]
 
 pub mod postgres;
+#[cfg(feature = "conformance")]
+pub mod vault;
 
 pub use postgres::PgServer;
+#[cfg(feature = "conformance")]
+pub use vault::VaultFake;

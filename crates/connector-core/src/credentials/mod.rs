@@ -1,5 +1,9 @@
 //! Credentials: the [`CredentialProvider`] trait and the default [`EnvCredentialProvider`].
 //!
+//! Other providers: [`StaticCredentialProvider`] (in memory), `VaultCredentialProvider` (HashiCorp
+//! Vault KV v2, cargo feature `vault`), and the combinators [`ChainCredentialProvider`] (several
+//! sources in order) and [`CachedCredentialProvider`] (a TTL cache in front of a provider).
+//!
 //! A key is a lowercase snake name, the guide's environment variable without its prefix:
 //! `postgres_password`, `github_token`. Values are [`SecretString`]s: they never appear in
 //! `Debug` output, logs or error messages.
@@ -11,6 +15,14 @@ use async_trait::async_trait;
 pub use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::{Error, Result};
+
+mod chain;
+#[cfg(feature = "vault")]
+mod vault;
+
+pub use chain::{CachedCredentialProvider, ChainCredentialProvider};
+#[cfg(feature = "vault")]
+pub use vault::{VaultConfig, VaultCredentialProvider};
 
 /// A source of secrets.
 ///
@@ -32,6 +44,12 @@ pub trait CredentialProvider: Send + Sync {
     /// Where `key` would be looked up, for error messages (`ARAGORA_POSTGRES_PASSWORD`).
     fn location_of(&self, key: &str) -> String {
         format!("{key} in {}", self.describe())
+    }
+
+    /// Whether `set_credential` stores values where restarts and other processes see them.
+    /// [`ChainCredentialProvider`] writes to the first provider that is writable.
+    fn is_writable(&self) -> bool {
+        true
     }
 }
 
@@ -113,6 +131,11 @@ impl CredentialProvider for EnvCredentialProvider {
 
     fn location_of(&self, key: &str) -> String {
         format!("environment variable {}", self.variable(key))
+    }
+
+    /// False: written values live in this process only.
+    fn is_writable(&self) -> bool {
+        false
     }
 }
 
