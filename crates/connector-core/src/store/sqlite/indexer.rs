@@ -25,8 +25,14 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use super::{connect, meta_value};
 
 /// Index entries per transaction: large transactions let FTS5 flush bigger segments and
-/// merge less; ~10 MB of text at typical document sizes.
+/// merge less; ~10 MB of text at typical document sizes. FTS5 writes its pending entries at
+/// every commit, so the thread also waits for this many written documents before a pass
+/// (unless someone waits for the index, or [`LINGER`] passed): indexing each small commit of
+/// the writer separately measured 3x slower.
 const CHUNK: i64 = 20_000;
+
+/// The longest a written document waits for a pass when nobody asks for the index.
+const LINGER: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Progress {
@@ -34,6 +40,10 @@ struct Progress {
     requested: u64,
     /// The value of `requested` when the last complete catch-up began.
     done: u64,
+    /// Documents written since the last pass began.
+    written: u64,
+    /// Someone waits: start a pass now.
+    urgent: bool,
     /// The failure of the last pass, if it failed.
     error: Option<String>,
     /// `index_deletes` up to here are applied (the writer prunes them).
@@ -72,18 +82,23 @@ impl Indexer {
         Self { shared }
     }
 
-    /// Asks for a catch-up (after documents were committed).
-    pub(super) fn kick(&self) -> u64 {
+    /// Asks for a catch-up after `written` documents were committed (or deleted).
+    pub(super) fn kick(&self, written: u64) {
         let mut p = self.shared.progress.lock().expect("poisoned");
         p.requested += 1;
-        self.shared.changed.notify_all();
-        p.requested
+        p.written += written;
+        if p.written >= CHUNK as u64 {
+            self.shared.changed.notify_all();
+        }
     }
 
     /// Blocks until everything committed before the call is indexed.
     pub(super) fn wait(&self) -> Result<(), String> {
-        let target = self.kick();
         let mut p = self.shared.progress.lock().expect("poisoned");
+        p.requested += 1;
+        p.urgent = true;
+        let target = p.requested;
+        self.shared.changed.notify_all();
         loop {
             if p.done >= target {
                 // `done` moves only when a pass that began after the request ends, so the
@@ -123,12 +138,25 @@ fn run(shared: &Shared, docs_path: &Path, search_path: &Path) {
     loop {
         let target = {
             let mut p = shared.progress.lock().expect("poisoned");
-            while p.done >= p.requested && !p.stop {
-                p = shared.changed.wait(p).expect("poisoned");
+            let mut pending_since: Option<Instant> = None;
+            loop {
+                if p.stop {
+                    return;
+                }
+                if p.done >= p.requested {
+                    pending_since = None;
+                    p = shared.changed.wait(p).expect("poisoned");
+                    continue;
+                }
+                let since = *pending_since.get_or_insert_with(Instant::now);
+                let lingered = since.elapsed();
+                if p.urgent || p.written >= CHUNK as u64 || lingered >= LINGER {
+                    break;
+                }
+                p = shared.changed.wait_timeout(p, LINGER - lingered).expect("poisoned").0;
             }
-            if p.stop {
-                return;
-            }
+            p.written = 0;
+            p.urgent = false;
             p.requested
         };
         let started = Instant::now();

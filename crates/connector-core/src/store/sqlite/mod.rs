@@ -310,30 +310,45 @@ impl SqliteKnowledgeStore {
             .get_or_init(|| Indexer::start(self.inner.path.clone(), self.inner.search_path.clone()))
     }
 
-    /// Runs `job` with the write connection on a blocking thread, then wakes the indexer.
-    async fn write<T: Send + 'static>(
+    /// Runs `job` with the write connection, blocking the calling thread.
+    fn write_now<T>(
+        inner: &Inner,
+        what: &str,
+        prune_to: i64,
+        job: impl FnOnce(&mut Connection, i64) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        let mut guard = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let result = match guard.as_mut() {
+            Some(conn) => job(conn, prune_to),
+            None => connect(&inner.path).and_then(|conn| job(guard.insert(conn), prune_to)),
+        };
+        result.map_err(|e| {
+            // A failed statement may leave the connection mid-transaction: start afresh.
+            *guard = None;
+            Error::store(format!("{what} in {}", inner.path.display())).with_source(e)
+        })
+    }
+
+    /// Runs a write off the async executor. On a multi-threaded runtime it runs in place
+    /// (`block_in_place`), so a batch is written without being copied; on a current-thread
+    /// runtime, `owned` copies what the job needs and it runs on the blocking pool.
+    async fn write<T: Send + 'static, J>(
         &self,
         what: &'static str,
-        job: impl FnOnce(&mut Connection, i64) -> rusqlite::Result<T> + Send + 'static,
-    ) -> Result<T> {
+        job: impl FnOnce(&mut Connection, i64) -> rusqlite::Result<T>,
+        owned: impl FnOnce() -> J,
+    ) -> Result<T>
+    where
+        J: FnOnce(&mut Connection, i64) -> rusqlite::Result<T> + Send + 'static,
+    {
         let prune_to = self.indexer().deletes_applied();
-        let inner = Arc::clone(&self.inner);
-        let result = tokio::task::spawn_blocking(move || {
-            let mut guard = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-            if guard.is_none() {
-                *guard = Some(connect(&inner.path)?);
-            }
-            let conn = guard.as_mut().expect("just opened");
-            job(conn, prune_to).inspect_err(|_| {
-                // A failed statement may leave the connection mid-transaction: start afresh.
-                *guard = None;
-            })
-        })
-        .await
-        .map_err(|e| Error::internal(format!("{what}: {e}")))?
-        .map_err(|e| Error::store(format!("{what} in {}", self.inner.path.display())).with_source(e))?;
-        self.indexer().kick();
-        Ok(result)
+        if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            return tokio::task::block_in_place(|| Self::write_now(&self.inner, what, prune_to, job));
+        }
+        let (inner, job) = (Arc::clone(&self.inner), owned());
+        tokio::task::spawn_blocking(move || Self::write_now(&inner, what, prune_to, job))
+            .await
+            .map_err(|e| Error::internal(format!("{what}: {e}")))?
     }
 }
 
@@ -396,9 +411,19 @@ impl KnowledgeStore for SqliteKnowledgeStore {
         if changes.is_empty() {
             return Ok(ApplyOutcome::default());
         }
-        let (scope, changes) = (scope.clone(), changes.to_vec());
-        self.write("writing documents", move |conn, prune_to| writer::apply(conn, &scope, &changes, prune_to))
-            .await
+        let outcome = self
+            .write(
+                "writing documents",
+                |conn, prune_to| writer::apply(conn, scope, changes, prune_to),
+                || {
+                    let (scope, changes) = (scope.clone(), changes.to_vec());
+                    move |conn: &mut Connection, prune_to| writer::apply(conn, &scope, &changes, prune_to)
+                },
+            )
+            .await?;
+        let written = changes.len() as u64;
+        self.indexer().kick(written);
+        Ok(outcome)
     }
 
     async fn sweep(&self, tenant: &TenantId, connector: &ConnectorId, generation: i64) -> Result<u64> {
@@ -408,7 +433,18 @@ impl KnowledgeStore for SqliteKnowledgeStore {
             generation,
             touch_unchanged: false,
         };
-        self.write("deleting documents", move |conn, _| writer::sweep(conn, &scope)).await
+        let deleted = self
+            .write(
+                "deleting documents",
+                |conn, _| writer::sweep(conn, &scope),
+                || {
+                    let scope = scope.clone();
+                    move |conn: &mut Connection, _| writer::sweep(conn, &scope)
+                },
+            )
+            .await?;
+        self.indexer().kick(deleted);
+        Ok(deleted)
     }
 
     async fn flush_index(&self) -> Result<()> {

@@ -124,7 +124,8 @@ async fn a_lost_or_foreign_index_is_rebuilt_from_the_documents() {
     assert_eq!(hits(&store, "word7").await, ["d7"]);
 }
 
-#[tokio::test]
+// Multi-threaded: writes run in place (`block_in_place`) rather than on the blocking pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_on_one_store_index_each_document_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("knowledge.db");
