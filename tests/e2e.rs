@@ -5,10 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use connector_core::http::Url;
 use connector_core::store::{KnowledgeStore, SqliteKnowledgeStore};
 use connector_core::{ConnectorId, TenantId};
+use connector_testkit::VaultFake;
 use connector_testkit::postgres::PgServer;
 use futures::StreamExt;
+use oauth_fake::{ACCESS_TOKEN, CLIENT_ID, CLIENT_SECRET, CODE, REFRESH_TOKEN, TokenFake};
 use serde_json::Value;
 
 /// A role the connector logs in as; its password must never be printed.
@@ -481,4 +484,585 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credential providers in the configuration, and `connectors auth`.
+
+/// A scratch folder with a configuration file, for tests that need no PostgreSQL.
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch { dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn write_config(&self, body: &str) -> PathBuf {
+        let path = self.dir.path().join("connectors.toml");
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    fn command(&self, config: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_connectors"));
+        cmd.arg("--config")
+            .arg(config)
+            .args(args)
+            .env("ARAGORA_HOME", self.dir.path().join("home"))
+            .stdin(Stdio::null());
+        for var in [
+            "ARAGORA_CONFIG",
+            "RUST_LOG",
+            "VAULT_ADDR",
+            "VAULT_TOKEN",
+            "ARAGORA_OAUTH_AUTH_URL",
+            "ARAGORA_OAUTH_TOKEN_URL",
+            "ARAGORA_QBO_CLIENT_ID",
+            "ARAGORA_QBO_CLIENT_SECRET",
+            "ARAGORA_QBO_REFRESH_TOKEN",
+            "ARAGORA_QBO_ACCESS_TOKEN",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd
+    }
+}
+
+/// A Vault token that must never be printed (the fake accepts its own root token only).
+const FAKE_VAULT_TOKEN: &str = "hvs.CLItest-vault-token-never-print-4412";
+
+#[tokio::test]
+async fn credentials_configuration_errors_exit_2_and_name_file_and_key() {
+    let scratch = Scratch::new();
+    let run = |body: &str| {
+        let config = scratch.write_config(body);
+        let out = scratch.command(&config, &["sync"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{body}\n{}", text(&out));
+        let msg = text(&out);
+        assert!(msg.contains("connectors.toml"), "names the file: {msg}");
+        assert!(!msg.contains(FAKE_VAULT_TOKEN), "the Vault token leaked: {msg}");
+        msg
+    };
+
+    // An unknown provider: the known ones are listed.
+    let msg = run("[credentials]\nproviders = [\"env\", \"vaultt\"]\n");
+    assert!(msg.contains("[credentials] providers") && msg.contains("\"vaultt\""), "{msg}");
+    for known in ["\"env\"", "\"vault\"", "\"aws-secrets-manager\""] {
+        assert!(msg.contains(known), "lists {known}: {msg}");
+    }
+
+    // A typo in the Vault table, next to a token: the key is named, the token is not shown.
+    let msg = run(&format!(
+        "[credentials]\nproviders = [\"vault\", \"env\"]\n[credentials.vault]\naddress = \
+         \"http://127.0.0.1:8200\"\ntoken = \"{FAKE_VAULT_TOKEN}\"\ntokn = \"{FAKE_VAULT_TOKEN}\"\n"
+    ));
+    assert!(msg.contains("[credentials.vault]") && msg.contains("unknown field `tokn`"), "{msg}");
+
+    // A TOML syntax error on the token's line: no source line is quoted.
+    let msg = run(&format!(
+        "[credentials]\nproviders = [\"vault\"]\n[credentials.vault]\ntoken = \"{FAKE_VAULT_TOKEN}\n"
+    ));
+    assert!(msg.contains("[credentials.vault] token") && msg.contains("line 4"), "{msg}");
+
+    // A token of the wrong type is not echoed either.
+    let msg = run("[credentials]\nproviders = [\"vault\"]\n[credentials.vault]\ntoken = 4412999\n");
+    assert!(msg.contains("`token` must be a string") && !msg.contains("4412999"), "{msg}");
+
+    // A provider table whose provider is not in the list.
+    let msg = run(&format!(
+        "[credentials]\nproviders = [\"env\"]\n[credentials.vault]\naddress = \"http://127.0.0.1:8200\"\n\
+         token = \"{FAKE_VAULT_TOKEN}\"\n"
+    ));
+    assert!(
+        msg.contains("[credentials.vault]") && msg.contains("\"vault\" is not in [credentials] providers"),
+        "{msg}"
+    );
+
+    // Unknown keys of the section itself, and a wrong type.
+    let msg = run("[credentials]\nproviders = [\"env\"]\ncache_ttl = 5\n");
+    assert!(msg.contains("[credentials] cache_ttl") && msg.contains("unknown field `cache_ttl`"), "{msg}");
+    let msg = run("[credentials]\nproviders = \"vault\"\n");
+    assert!(msg.contains("[credentials] providers") && msg.contains("expected a sequence"), "{msg}");
+}
+
+/// Standard base64 (`url_safe`: the URL-safe alphabet without padding, as PKCE uses).
+fn base64(bytes: &[u8], url_safe: bool) -> String {
+    let alphabet: &[u8; 64] = if url_safe {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    } else {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    };
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(alphabet[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+        if !url_safe {
+            out.push_str(&"=".repeat(3 - chunk.len()));
+        }
+    }
+    out
+}
+
+mod oauth_fake {
+    //! A vendor's OAuth2 token endpoint: checks the client, the code, the redirect URI and the
+    //! PKCE verifier of an authorization-code grant, and answers with tokens.
+
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+    use connector_core::http::Url;
+    use serde_json::json;
+    use sha2::{Digest, Sha256};
+
+    pub const CLIENT_ID: &str = "client-e2e-7c1";
+    pub const CLIENT_SECRET: &str = "clientsecret-never-print-9d2";
+    pub const CODE: &str = "authcode-never-print-31f";
+    pub const ACCESS_TOKEN: &str = "accesstoken-never-print-a81";
+    pub const REFRESH_TOKEN: &str = "refreshtoken-never-print-b72";
+
+    #[derive(Default)]
+    pub struct Expect {
+        pub redirect_uri: String,
+        /// The S256 challenge of the authorization URL; `None`: no verifier may be sent.
+        pub pkce_challenge: Option<String>,
+        /// Every request: `Ok(())` when it was accepted, else why not.
+        pub requests: Vec<Result<(), String>>,
+    }
+
+    pub struct TokenFake {
+        pub token_url: String,
+        pub expect: Arc<Mutex<Expect>>,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for TokenFake {
+        fn drop(&mut self) {
+            self.server.abort();
+        }
+    }
+
+    impl TokenFake {
+        pub async fn start() -> TokenFake {
+            let expect = Arc::new(Mutex::new(Expect::default()));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let token_url = format!("http://{}/oauth2/token", listener.local_addr().unwrap());
+            let app = Router::new().route("/oauth2/token", post(token)).with_state(expect.clone());
+            let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            TokenFake { token_url, expect, server }
+        }
+
+        pub fn requests(&self) -> Vec<Result<(), String>> {
+            self.expect.lock().unwrap().requests.clone()
+        }
+    }
+
+    fn check(expect: &Expect, headers: &HeaderMap, form: &HashMap<String, String>) -> Result<(), String> {
+        let basic =
+            format!("Basic {}", super::base64(format!("{CLIENT_ID}:{CLIENT_SECRET}").as_bytes(), false));
+        if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(basic.as_str()) {
+            return Err("client authentication (HTTP Basic) is wrong".into());
+        }
+        let field = |k: &str| form.get(k).map(String::as_str);
+        if field("grant_type") != Some("authorization_code") {
+            return Err(format!("grant_type is {:?}", field("grant_type")));
+        }
+        if field("code") != Some(CODE) {
+            return Err("wrong code".into());
+        }
+        if field("redirect_uri") != Some(expect.redirect_uri.as_str()) {
+            return Err(format!("redirect_uri is {:?}", field("redirect_uri")));
+        }
+        match (&expect.pkce_challenge, field("code_verifier")) {
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err("a code_verifier without a challenge".into()),
+            (Some(_), None) => Err("no code_verifier".into()),
+            (Some(challenge), Some(verifier)) => {
+                if super::base64(&Sha256::digest(verifier.as_bytes()), true) == *challenge {
+                    Ok(())
+                } else {
+                    Err("the code_verifier does not match the challenge".into())
+                }
+            }
+        }
+    }
+
+    async fn token(State(expect): State<Arc<Mutex<Expect>>>, headers: HeaderMap, body: String) -> Response {
+        let form: HashMap<String, String> =
+            Url::parse(&format!("http://x/?{body}")).unwrap().query_pairs().into_owned().collect();
+        let mut expect = expect.lock().unwrap();
+        let verdict = check(&expect, &headers, &form);
+        expect.requests.push(verdict.clone());
+        match verdict {
+            Ok(()) => axum::Json(json!({
+                "access_token": ACCESS_TOKEN,
+                "token_type": "bearer",
+                "expires_in": 3600,
+                "refresh_token": REFRESH_TOKEN,
+                "x_refresh_token_expires_in": 8_726_400,
+            }))
+            .into_response(),
+            Err(why) => (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": "invalid_grant", "error_description": why})),
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// The secrets of an auth run that no output may contain.
+const AUTH_SECRETS: [&str; 4] = [CLIENT_SECRET, CODE, ACCESS_TOKEN, REFRESH_TOKEN];
+
+/// A redirect URI on a free local port.
+fn free_redirect_uri() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    format!("http://127.0.0.1:{port}/oauth/callback")
+}
+
+/// What one `connectors auth` run did.
+struct AuthRun {
+    code: Option<i32>,
+    /// The authorization URL the command printed.
+    url: Url,
+    /// The answer to the browser's redirect.
+    page_status: u16,
+    page: String,
+    stdout: String,
+    stderr: String,
+}
+
+impl AuthRun {
+    fn output(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` (a `connectors auth`), reads the authorization URL it prints, and plays the
+/// browser coming back: GET `<redirect_uri>?<query>` with the query `redirect` makes from the URL.
+async fn run_auth(cmd: Command, redirect_uri: &str, redirect: impl FnOnce(&Url) -> String) -> AuthRun {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let stderr_task = tokio::spawn(async move {
+        let mut s = String::new();
+        stderr_pipe.read_to_string(&mut s).await.unwrap();
+        s
+    });
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    let url = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let mut line = String::new();
+            if stdout.read_line(&mut line).await.unwrap() == 0 {
+                return None;
+            }
+            printed.push_str(&line);
+            if line.starts_with("http") {
+                return Some(Url::parse(line.trim()).unwrap());
+            }
+        }
+    })
+    .await
+    .expect("the authorization URL within 60 s");
+    let Some(url) = url else {
+        let status = child.wait().await.unwrap();
+        panic!("no URL printed ({status}): {printed}{}", stderr_task.await.unwrap());
+    };
+
+    let query = redirect(&url);
+    let client = connector_core::http::reqwest::Client::new();
+    let response = client.get(format!("{redirect_uri}?{query}")).send().await.expect("the listener answers");
+    let page_status = response.status().as_u16();
+    let page = response.text().await.unwrap();
+
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("exits").unwrap();
+    stdout.read_to_string(&mut printed).await.unwrap();
+    AuthRun {
+        code: status.code(),
+        url,
+        page_status,
+        page,
+        stdout: printed,
+        stderr: stderr_task.await.unwrap(),
+    }
+}
+
+fn param(url: &Url, name: &str) -> Option<String> {
+    url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+fn vault_config(vault: &VaultFake) -> String {
+    format!(
+        "[credentials]\nproviders = [\"vault\", \"env\"]\ncache_ttl_seconds = 30\n[credentials.vault]\n\
+         address = \"{}\"\ntoken = \"{}\"\n",
+        vault.address(),
+        vault.root_token()
+    )
+}
+
+/// `connectors auth VENDOR` with the client in the Vault fake and the token endpoint faked.
+fn auth_command(
+    scratch: &Scratch,
+    config: &Path,
+    vendor: &str,
+    redirect_uri: &str,
+    token: &TokenFake,
+) -> Command {
+    let mut cmd =
+        scratch.command(config, &["auth", vendor, "--redirect-uri", redirect_uri, "--timeout", "60"]);
+    cmd.env("ARAGORA_OAUTH_AUTH_URL", "https://vendor.example/authorize")
+        .env("ARAGORA_OAUTH_TOKEN_URL", &token.token_url)
+        .env("RUST_LOG", "trace");
+    cmd
+}
+
+async fn vault_with_client(prefix: &str) -> VaultFake {
+    let vault = VaultFake::start().await.unwrap();
+    vault.put(&format!("aragora/{prefix}_client_id"), serde_json::json!({ "value": CLIENT_ID }));
+    vault.put(&format!("aragora/{prefix}_client_secret"), serde_json::json!({ "value": CLIENT_SECRET }));
+    vault
+}
+
+fn stored(vault: &VaultFake, key: &str) -> Option<String> {
+    vault.get(&format!("aragora/{key}")).map(|v| v["value"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_quickbooks_stores_the_tokens_in_vault() {
+    let scratch = Scratch::new();
+    let vault = vault_with_client("qbo").await;
+    let token = TokenFake::start().await;
+    let redirect_uri = free_redirect_uri();
+    token.expect.lock().unwrap().redirect_uri = redirect_uri.clone();
+    let config = scratch.write_config(&vault_config(&vault));
+
+    let cmd = auth_command(&scratch, &config, "quickbooks", &redirect_uri, &token);
+    let run = run_auth(cmd, &redirect_uri, |url| {
+        let state = param(url, "state").expect("a state");
+        format!("code={CODE}&state={state}&realmId=9130350000000001")
+    })
+    .await;
+    let output = run.output();
+    assert_eq!(run.code, Some(0), "{output}");
+    assert_eq!(token.requests(), vec![Ok(())], "one exchange, accepted: {output}");
+
+    // The URL the user opens.
+    assert!(run.url.as_str().starts_with("https://vendor.example/authorize?"), "{}", run.url);
+    assert_eq!(param(&run.url, "client_id").as_deref(), Some(CLIENT_ID));
+    assert_eq!(param(&run.url, "redirect_uri").as_deref(), Some(redirect_uri.as_str()));
+    assert_eq!(param(&run.url, "response_type").as_deref(), Some("code"));
+    assert_eq!(param(&run.url, "scope").as_deref(), Some("com.intuit.quickbooks.accounting"));
+    assert_eq!(param(&run.url, "code_challenge"), None, "Intuit does not take PKCE");
+
+    // The browser's page, the tokens in Vault, and where the command says they went.
+    assert_eq!(run.page_status, 200);
+    assert!(run.page.contains("close this tab"), "{}", run.page);
+    assert_eq!(stored(&vault, "qbo_refresh_token").as_deref(), Some(REFRESH_TOKEN));
+    assert_eq!(stored(&vault, "qbo_access_token").as_deref(), Some(ACCESS_TOKEN));
+    let expires = stored(&vault, "qbo_token_expires_at").expect("the expiry");
+    let expires = chrono::DateTime::parse_from_rfc3339(&expires).expect("RFC 3339");
+    let left = expires.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    assert!(left > chrono::TimeDelta::minutes(55) && left <= chrono::TimeDelta::minutes(60), "{left}");
+    for key in ["qbo_refresh_token", "qbo_access_token", "qbo_token_expires_at"] {
+        let place =
+            format!("{key}: field `value` of Vault secret secret/data/aragora/{key} at {}", vault.address());
+        assert!(run.stdout.contains(&place), "names where {key} went: {}", run.stdout);
+    }
+    assert!(run.stdout.contains("9130350000000001"), "prints the realmId: {}", run.stdout);
+
+    // No secret anywhere, even at trace level.
+    assert!(output.len() > 1000, "trace logging is on: {output}");
+    for secret in AUTH_SECRETS.iter().chain([&vault.root_token()]) {
+        assert!(!output.contains(secret), "{secret} leaked: {output}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_xero_sends_the_pkce_verifier_and_the_requested_scopes() {
+    let scratch = Scratch::new();
+    let vault = vault_with_client("xero").await;
+    let token = TokenFake::start().await;
+    let redirect_uri = free_redirect_uri();
+    token.expect.lock().unwrap().redirect_uri = redirect_uri.clone();
+    let config = scratch.write_config(&vault_config(&vault));
+
+    let mut cmd = auth_command(&scratch, &config, "xero", &redirect_uri, &token);
+    cmd.args(["--scopes", "offline_access accounting.contacts", "--scopes", "accounting.settings"]);
+    let expect = token.expect.clone();
+    let run = run_auth(cmd, &redirect_uri, |url| {
+        assert_eq!(param(url, "code_challenge_method").as_deref(), Some("S256"));
+        expect.lock().unwrap().pkce_challenge = Some(param(url, "code_challenge").expect("a PKCE challenge"));
+        format!("code={CODE}&state={}", param(url, "state").unwrap())
+    })
+    .await;
+    let output = run.output();
+    assert_eq!(run.code, Some(0), "{output}");
+    assert_eq!(token.requests(), vec![Ok(())], "the verifier matches the challenge: {output}");
+    assert_eq!(
+        param(&run.url, "scope").as_deref(),
+        Some("offline_access accounting.contacts accounting.settings")
+    );
+    assert_eq!(stored(&vault, "xero_refresh_token").as_deref(), Some(REFRESH_TOKEN));
+    for secret in AUTH_SECRETS.iter().chain([&vault.root_token()]) {
+        assert!(!output.contains(secret), "{secret} leaked: {output}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_rejects_a_forged_state_and_a_denied_consent_storing_nothing() {
+    let scratch = Scratch::new();
+    let vault = vault_with_client("qbo").await;
+    let token = TokenFake::start().await;
+    let config = scratch.write_config(&vault_config(&vault));
+
+    // A redirect whose state is not the one sent.
+    let redirect_uri = free_redirect_uri();
+    token.expect.lock().unwrap().redirect_uri = redirect_uri.clone();
+    let cmd = auth_command(&scratch, &config, "quickbooks", &redirect_uri, &token);
+    let run = run_auth(cmd, &redirect_uri, |_| format!("code={CODE}&state=forged-state-0000")).await;
+    let output = run.output();
+    assert_eq!(run.code, Some(1), "{output}");
+    assert_eq!(run.page_status, 400);
+    assert!(run.page.contains("nothing was stored"), "{}", run.page);
+    assert!(run.stderr.contains("`state` does not match"), "{output}");
+    assert!(token.requests().is_empty(), "no code exchange: {:?}", token.requests());
+
+    // The user declines at the vendor.
+    let redirect_uri = free_redirect_uri();
+    let cmd = auth_command(&scratch, &config, "quickbooks", &redirect_uri, &token);
+    let run = run_auth(cmd, &redirect_uri, |url| {
+        format!("error=access_denied&error_description=User+denied&state={}", param(url, "state").unwrap())
+    })
+    .await;
+    let output = run.output();
+    assert_eq!(run.code, Some(1), "{output}");
+    assert_eq!(run.page_status, 400);
+    assert!(run.stderr.contains("access_denied") && run.stderr.contains("declined"), "{output}");
+    assert!(token.requests().is_empty());
+
+    // A code the vendor does not accept.
+    let redirect_uri = free_redirect_uri();
+    token.expect.lock().unwrap().redirect_uri = redirect_uri.clone();
+    let cmd = auth_command(&scratch, &config, "quickbooks", &redirect_uri, &token);
+    let run = run_auth(cmd, &redirect_uri, |url| {
+        format!("code=expired-code-never-print-77&state={}", param(url, "state").unwrap())
+    })
+    .await;
+    let output = run.output();
+    assert_eq!(run.code, Some(1), "{output}");
+    assert_eq!(run.page_status, 502);
+    assert!(run.stderr.contains("authorization code was rejected (invalid_grant"), "{output}");
+    assert!(!output.contains("expired-code-never-print-77") && !output.contains(CLIENT_SECRET), "{output}");
+    assert_eq!(token.requests(), vec![Err("wrong code".to_owned())]);
+
+    for key in ["qbo_refresh_token", "qbo_access_token", "qbo_token_expires_at"] {
+        assert_eq!(stored(&vault, key), None, "{key} was stored");
+    }
+    assert!(!vault.requests().iter().any(|r| r.method != "GET"), "nothing written to Vault");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_with_environment_credentials_refuses_unless_told_to_print() {
+    let scratch = Scratch::new();
+    let token = TokenFake::start().await;
+    let config = scratch.write_config("[credentials]\nproviders = [\"env\"]\n");
+    let redirect_uri = free_redirect_uri();
+    token.expect.lock().unwrap().redirect_uri = redirect_uri.clone();
+    let with_client = |mut cmd: Command| {
+        cmd.env("ARAGORA_QBO_CLIENT_ID", CLIENT_ID).env("ARAGORA_QBO_CLIENT_SECRET", CLIENT_SECRET);
+        cmd
+    };
+
+    let out =
+        with_client(auth_command(&scratch, &config, "quickbooks", &redirect_uri, &token)).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let msg = text(&out);
+    assert!(msg.contains("cannot store") && msg.contains("vault") && msg.contains("--print-tokens"), "{msg}");
+    assert!(!msg.contains("https://vendor.example"), "no flow started: {msg}");
+
+    let mut cmd = with_client(auth_command(&scratch, &config, "quickbooks", &redirect_uri, &token));
+    cmd.arg("--print-tokens");
+    let run =
+        run_auth(cmd, &redirect_uri, |url| format!("code={CODE}&state={}", param(url, "state").unwrap()))
+            .await;
+    assert_eq!(run.code, Some(0), "{}", run.output());
+    assert!(
+        run.stdout.contains(&format!("export ARAGORA_QBO_REFRESH_TOKEN='{REFRESH_TOKEN}'")),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains(&format!("export ARAGORA_QBO_ACCESS_TOKEN='{ACCESS_TOKEN}'")),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("export ARAGORA_QBO_TOKEN_EXPIRES_AT="), "{}", run.stdout);
+    assert!(!run.stderr.contains(REFRESH_TOKEN) && !run.output().contains(CLIENT_SECRET), "{}", run.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_with_the_postgres_password_from_vault_prints_no_secret_at_trace_level() {
+    let env = Env::new("e2e_vault").await;
+    env.documents_table("documents", 40, 0).await;
+    let vault = VaultFake::start().await.unwrap();
+    vault.put("aragora/postgres_user", serde_json::json!({ "value": READER }));
+    vault.put("aragora/postgres_password", serde_json::json!({ "value": READER_PASSWORD }));
+    let connector = env.pg_connector("docs-db", "workspace-1", &["documents"]);
+    let config = env.write_config(&format!(
+        "[credentials]\nproviders = [\"vault\"]\n[credentials.vault]\naddress = \"{}\"\ntoken = \"{}\"\n\n{connector}",
+        vault.address(),
+        vault.root_token()
+    ));
+    let run = |config: &Path, args: &[&str]| {
+        let mut cmd = env.command(config, args);
+        // Only Vault holds the login.
+        cmd.env_remove("ARAGORA_POSTGRES_USER")
+            .env_remove("ARAGORA_POSTGRES_PASSWORD")
+            .env("RUST_LOG", "trace");
+        tokio::process::Command::from(cmd).output()
+    };
+
+    let out = run(&config, &["sync", "--json"]).await.unwrap();
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{msg}");
+    assert_eq!(counts(&json_lines(&out)[0]), (40, 0, 0, 0));
+    assert!(msg.len() > 1000, "trace logging is on: {} bytes", msg.len());
+    assert!(
+        vault.requests().iter().any(|r| r.path == "/v1/secret/data/aragora/postgres_password"),
+        "the password came from Vault: {:?}",
+        vault.requests()
+    );
+    for secret in [READER_PASSWORD, vault.root_token()] {
+        assert!(!msg.contains(secret), "{secret} leaked at trace level");
+        for file in walk(&env.home()) {
+            let bytes = std::fs::read(&file).unwrap();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret} in {}",
+                file.display()
+            );
+        }
+    }
+
+    // A token Vault refuses: the sync fails naming Vault, not the token.
+    let bad = env.write_config(
+        &std::fs::read_to_string(&config).unwrap().replace(vault.root_token(), FAKE_VAULT_TOKEN),
+    );
+    let out = run(&bad, &["sync", "--full"]).await.unwrap();
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(msg.contains("Vault") && msg.contains("denied"), "{msg}");
+    assert!(!msg.contains(FAKE_VAULT_TOKEN) && !msg.contains(READER_PASSWORD), "{msg}");
 }

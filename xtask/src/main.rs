@@ -14,13 +14,15 @@ const USAGE: &str = "\
 usage: cargo xtask <task> [options]
 
 tasks:
-  test [-- NEXTEST-ARGS]   install what tests need (PostgreSQL, cargo-nextest), start one PostgreSQL
-                           for the run, run all tests (nextest) and doc tests
+  test [-- NEXTEST-ARGS]   install what tests need (PostgreSQL, moto in ~/.cache/connectors-test/venv,
+                           cargo-nextest), start one PostgreSQL for the run, run all tests (nextest)
+                           and doc tests
   ci                       what CI runs (.ci/run): fmt, clippy, cargo-deny, then `test`
   demo [--rows N] [--keep] sync a generated documents table into the embedded store with the CLI
   bench pg [--rows N]      time a full and an incremental sync of N rows (default 1,000,000)
                            against `psql \\copy`, with peak memory
-  servers pg               start a PostgreSQL for manual work; Enter or Ctrl-C stops it
+  servers pg|moto          start a PostgreSQL, or moto (a local AWS Secrets Manager), for manual
+                           work; Enter or Ctrl-C stops it
 ";
 
 fn main() -> ExitCode {

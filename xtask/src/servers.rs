@@ -1,20 +1,23 @@
-//! `cargo xtask servers pg`: a PostgreSQL for manual work. Prints how to reach it and stops it on
-//! Enter; on Ctrl-C (or if xtask is killed) the server's watchdog stops it within a second.
+//! `cargo xtask servers pg|moto`: a PostgreSQL, or moto (a local AWS Secrets Manager), for manual
+//! work. Prints how to reach it and stops it on Enter; on Ctrl-C (or if xtask is killed) the
+//! server's watchdog stops it within a second.
 
 use anyhow::{Result, bail};
-use connector_testkit::PgServer;
+use connector_testkit::{MotoServer, PgServer};
 
 use crate::util::{self, say};
 
 pub fn run(mut args: Vec<String>) -> Result<()> {
-    match args.first().map(String::as_str) {
-        Some("pg") => {
-            args.remove(0);
-        }
-        Some(other) => bail!("unknown server `{other}`; available: pg"),
-        None => bail!("which server? `cargo xtask servers pg`"),
+    let server = match args.first().map(String::as_str) {
+        Some(name @ ("pg" | "moto")) => name.to_owned(),
+        Some(other) => bail!("unknown server `{other}`; available: pg, moto"),
+        None => bail!("which server? `cargo xtask servers pg` or `cargo xtask servers moto`"),
+    };
+    args.remove(0);
+    util::no_more_args(&format!("servers {server}"), &args)?;
+    if server == "moto" {
+        return moto();
     }
-    util::no_more_args("servers pg", &args)?;
 
     say("starting PostgreSQL");
     let server = PgServer::start()?;
@@ -36,8 +39,36 @@ pub fn run(mut args: Vec<String>) -> Result<()> {
     println!("# the connectors CLI:");
     println!("export ARAGORA_POSTGRES_USER=postgres ARAGORA_POSTGRES_PASSWORD={password}");
     println!();
-    say("press Enter (or Ctrl-C) to stop it");
+    wait_for_enter();
+    say("stopping PostgreSQL");
+    server.stop()
+}
 
+fn moto() -> Result<()> {
+    crate::test::ensure_moto()?;
+    say("starting moto");
+    let server = MotoServer::start()?;
+    let endpoint = server.endpoint();
+    println!();
+    println!("moto on {endpoint} (pid {})", server.pid().unwrap_or(0));
+    println!("  log: {}", server.log_file().display());
+    println!();
+    println!("# the AWS CLI and SDKs (moto accepts any credentials):");
+    println!(
+        "export AWS_ACCESS_KEY_ID={} AWS_SECRET_ACCESS_KEY={} AWS_REGION={} AWS_ENDPOINT_URL_SECRETS_MANAGER={endpoint}",
+        MotoServer::ACCESS_KEY_ID,
+        MotoServer::SECRET_ACCESS_KEY,
+        MotoServer::REGION
+    );
+    println!();
+    wait_for_enter();
+    say("stopping moto");
+    server.stop();
+    Ok(())
+}
+
+fn wait_for_enter() {
+    say("press Enter (or Ctrl-C) to stop it");
     let mut line = String::new();
     if std::io::stdin().read_line(&mut line).unwrap_or(0) == 0 {
         // No terminal (e.g. started in the background): run until killed; the watchdog cleans up.
@@ -45,6 +76,4 @@ pub fn run(mut args: Vec<String>) -> Result<()> {
             std::thread::park();
         }
     }
-    say("stopping PostgreSQL");
-    server.stop()
 }

@@ -1,11 +1,16 @@
 //! `cargo xtask test [-- NEXTEST-ARGS]`: install what the tests need, start one PostgreSQL for the
 //! whole run, run every test with nextest (or `cargo test` without it), then the doc tests.
+//!
+//! Test servers written in Python (moto) live in one venv in the cache folder
+//! (`~/.cache/connectors-test/venv`): created and filled once, reused by later runs, and passed to
+//! the tests in `CONNECTORS_TEST_VENV`.
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use connector_testkit::PgServer;
+use connector_testkit::moto::{self, MOTO_REQUIREMENT};
 use connector_testkit::postgres::{PgBinaries, running_as_root};
 
 use crate::util::{self, cargo, say};
@@ -36,9 +41,10 @@ pub enum Runner {
     CargoTest,
 }
 
-/// PostgreSQL's server programs and cargo-nextest, installed when missing.
+/// PostgreSQL's server programs, moto and cargo-nextest, installed when missing.
 pub fn prerequisites() -> Result<Runner> {
     ensure_postgres()?;
+    ensure_moto()?;
     Ok(ensure_nextest())
 }
 
@@ -79,6 +85,68 @@ pub fn ensure_postgres() -> Result<()> {
     let bins = PgBinaries::find().context("apt-get installed postgresql, but its programs are not found")?;
     say(format!("PostgreSQL {} installed in {}", bins.major, bins.dir.display()));
     Ok(())
+}
+
+/// The venv with moto (`moto_server`, a local AWS Secrets Manager): reused when it holds the pinned
+/// version, else created with `python3 -m venv` (if needed) and filled with pip.
+pub fn ensure_moto() -> Result<()> {
+    let venv = moto::venv_dir();
+    if moto::moto_installed(&venv) {
+        say(format!("moto found in {} ({MOTO_REQUIREMENT})", venv.display()));
+        return Ok(());
+    }
+    let python = venv.join("bin").join("python");
+    if !python.is_file() {
+        say(format!("creating a Python venv for the test servers in {}", venv.display()));
+        if let Some(parent) = venv.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let mut create = Command::new("python3");
+        create.args(["-m", "venv"]).arg(&venv);
+        if !util::on_path("python3") || !util::status(&mut create).is_ok_and(|s| s.success()) {
+            // Debian's python3 comes without the venv module.
+            say("python3 or its venv module is missing: installing them with apt-get");
+            apt_install(&["python3", "python3-venv"])?;
+            let _ = std::fs::remove_dir_all(&venv);
+            util::run(&mut create)?;
+        }
+    }
+    say(format!("installing {MOTO_REQUIREMENT} into {} (a few minutes the first time)", venv.display()));
+    util::run(
+        Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(MOTO_REQUIREMENT),
+    )
+    .with_context(|| format!("if the venv is broken, remove {} and run again", venv.display()))?;
+    if !moto::moto_server_path(&venv).is_file() {
+        bail!("pip installed {MOTO_REQUIREMENT}, but {} is missing", moto::moto_server_path(&venv).display());
+    }
+    let stamp = venv.join(moto::INSTALLED_STAMP);
+    std::fs::write(&stamp, format!("{MOTO_REQUIREMENT}\n"))
+        .with_context(|| format!("writing {}", stamp.display()))?;
+    say(format!("moto installed in {}", venv.display()));
+    Ok(())
+}
+
+/// `apt-get install` as root, or through sudo.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let sudo = if running_as_root() {
+        false
+    } else if util::on_path("sudo") {
+        true
+    } else {
+        bail!("this user cannot install packages: run `apt-get install {}` as root", packages.join(" "));
+    };
+    let apt = |args: &[&str]| {
+        let mut cmd = if sudo { Command::new("sudo") } else { Command::new("apt-get") };
+        if sudo {
+            cmd.arg("apt-get");
+        }
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    util::run(&mut apt(&["update", "-q"]))?;
+    util::run(apt(&["install", "-y", "-q"]).args(packages))
 }
 
 /// Whether cargo-nextest is there, installing it when missing.
@@ -131,6 +199,8 @@ pub fn run_doc_tests(server: &PgServer) -> Result<Tally> {
 /// counting what the runner reports.
 fn run_tallied(mut cmd: Command, server: &PgServer) -> Result<Tally> {
     cmd.envs(server.env_vars());
+    // The venv `ensure_moto` filled (the same path unless the variable was set already).
+    cmd.env(moto::VENV_ENV, moto::venv_dir());
     if std::io::stderr().is_terminal() {
         // Output goes through a pipe; keep the colours a terminal would get.
         cmd.env("CARGO_TERM_COLOR", "always");

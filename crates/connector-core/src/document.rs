@@ -54,6 +54,12 @@ impl Document {
     /// A SHA-256 over every field, hex encoded. Two documents with the same hash are the same
     /// document; the store skips writes whose hash it already holds.
     pub fn content_hash(&self) -> String {
+        self.content_hash_with(&serde_json::to_vec(&self.metadata).unwrap_or_default())
+    }
+
+    /// [`content_hash`](Self::content_hash) given the metadata already serialized with
+    /// `serde_json::to_vec`/`to_string` (stores serialize it anyway to write it).
+    pub fn content_hash_with(&self, metadata_json: &[u8]) -> String {
         let mut h = Sha256::new();
         // Length-prefix each field so that field boundaries cannot shift between documents.
         let mut field = |bytes: &[u8]| {
@@ -68,8 +74,7 @@ impl Document {
         field(self.author.as_deref().unwrap_or("\u{0}").as_bytes());
         field(&self.created_at.map(|t| t.timestamp_micros()).unwrap_or(i64::MIN).to_le_bytes());
         field(&self.updated_at.map(|t| t.timestamp_micros()).unwrap_or(i64::MIN).to_le_bytes());
-        let meta = serde_json::to_vec(&self.metadata).unwrap_or_default();
-        field(&meta);
+        field(metadata_json);
         hex::encode(h.finalize())
     }
 

@@ -21,6 +21,8 @@ pub mod store;
 pub use connector::{
     Batch, Capabilities, Checkpoint, Connector, ConnectorContext, Cursor, Cursors, ReadMode, ReadRequest,
 };
+#[cfg(feature = "aws-secrets-manager")]
+pub use credentials::{AwsSecretsManagerConfig, AwsSecretsManagerCredentialProvider};
 pub use credentials::{
     CachedCredentialProvider, ChainCredentialProvider, CredentialProvider, EnvCredentialProvider,
     ExposeSecret, SecretString, StaticCredentialProvider,
@@ -35,6 +37,13 @@ pub use ids::{ConnectorId, TenantId};
 /// Re-exports for connector crates, so they share core's versions.
 pub mod reexports {
     pub use async_trait::async_trait;
+    /// The AWS SDK's configuration loader, for
+    /// [`AwsSecretsManagerCredentialProvider::with_sdk_config`](crate::AwsSecretsManagerCredentialProvider::with_sdk_config).
+    #[cfg(feature = "aws-secrets-manager")]
+    pub use aws_config;
+    /// The AWS Secrets Manager SDK the provider uses.
+    #[cfg(feature = "aws-secrets-manager")]
+    pub use aws_sdk_secretsmanager;
     pub use chrono;
     pub use futures;
     pub use secrecy;

@@ -49,7 +49,8 @@ pub const PASSWORD_ENV: &str = "CONNECTORS_TEST_PG_PASSWORD";
 pub const HOST_ENV: &str = "CONNECTORS_TEST_PG_HOST";
 /// Postmaster PID of the server named by [`PORT_ENV`], if known.
 pub const PID_ENV: &str = "CONNECTORS_TEST_PG_PID";
-/// Overrides the cache folder for the initdb template (default: `~/.cache/connectors-test`).
+/// Overrides the cache folder of the initdb template and the Python venv (default:
+/// `~/.cache/connectors-test`).
 pub const CACHE_ENV: &str = "CONNECTORS_TEST_CACHE";
 
 /// Bump when the template's initdb options change, so stale templates are rebuilt.
@@ -560,7 +561,8 @@ fn template(bins: &PgBinaries, as_postgres: bool) -> Result<PathBuf> {
     Ok(template)
 }
 
-fn cache_dir() -> PathBuf {
+/// The cache folder: [`CACHE_ENV`], else `~/.cache/connectors-test`.
+pub(crate) fn cache_dir() -> PathBuf {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = var(CACHE_ENV) {
         return dir;
@@ -636,7 +638,7 @@ fn port_taken(owned: &Owned) -> bool {
     log.contains("could not bind") || log.contains("Address already in use")
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
     Ok(listener.local_addr()?.port())
 }

@@ -1,5 +1,7 @@
 //! Credential providers against the Vault fake: the Vault KV v2 provider (token and AppRole,
-//! versions, check-and-set, errors), and the chain and cache combinators in front of it.
+//! versions, check-and-set, errors), and the chain and cache combinators in front of it; and the
+//! AWS Secrets Manager provider against moto (a real Secrets Manager API) and, for answers moto
+//! does not give (access denied, server errors), a small Secrets Manager fake.
 #![cfg(feature = "conformance")]
 
 use std::sync::Arc;
@@ -351,4 +353,445 @@ async fn debug_output_never_shows_the_token_or_secret_id() -> Result<()> {
     }
     assert!(format!("{token_provider:?}").contains(vault.address()));
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// AWS Secrets Manager
+
+mod aws {
+    use std::sync::{Arc, Mutex};
+
+    use anyhow::Result;
+    use axum::Router;
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use connector_core::credentials::{
+        AwsSecretsManagerConfig, AwsSecretsManagerCredentialProvider, ChainCredentialProvider,
+        CredentialProvider, EnvCredentialProvider, ExposeSecret, SecretString, require_credential,
+    };
+    use connector_core::reexports::aws_config::{BehaviorVersion, Region, SdkConfig};
+    use connector_core::reexports::aws_sdk_secretsmanager::Client;
+    use connector_core::reexports::aws_sdk_secretsmanager::config::retry::RetryConfig;
+    use connector_core::reexports::aws_sdk_secretsmanager::config::{Credentials, SharedCredentialsProvider};
+    use connector_core::{Error, ErrorKind};
+    use connector_testkit::MotoServer;
+
+    use super::read;
+
+    /// The secret access key of the tests' AWS credentials: it must never show.
+    const SECRET_ACCESS_KEY: &str = "sk-testkit-NEVER-SHOWN-7f3a";
+
+    /// An AWS configuration with static credentials (moto accepts any) and the tests' region,
+    /// so that no test asks the real credential chain (or the instance metadata service).
+    fn sdk_config(retries: bool) -> SdkConfig {
+        let credentials = Credentials::new("AKIDTESTKIT", SECRET_ACCESS_KEY, None, None, "connector-testkit");
+        SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(MotoServer::REGION))
+            .credentials_provider(SharedCredentialsProvider::new(credentials))
+            .retry_config(if retries { RetryConfig::standard() } else { RetryConfig::disabled() })
+            .build()
+    }
+
+    fn provider(endpoint: &str, prefix: &str) -> AwsSecretsManagerCredentialProvider {
+        let config = AwsSecretsManagerConfig {
+            endpoint_url: Some(endpoint.to_owned()),
+            prefix: prefix.to_owned(),
+            ..AwsSecretsManagerConfig::default()
+        };
+        AwsSecretsManagerCredentialProvider::with_sdk_config(config, &sdk_config(true))
+            .expect("valid settings")
+    }
+
+    /// A plain SDK client on moto, to check what the provider stored.
+    fn sdk_client(moto: &MotoServer) -> Client {
+        let config =
+            connector_core::reexports::aws_sdk_secretsmanager::config::Builder::from(&sdk_config(true))
+                .endpoint_url(moto.endpoint())
+                .build();
+        Client::from_conf(config)
+    }
+
+    /// Fails when `text` shows a secret value or the secret access key.
+    fn assert_hides(text: &str, values: &[&str]) {
+        assert!(!text.contains(SECRET_ACCESS_KEY), "the secret access key shows: {text}");
+        for value in values {
+            assert!(!text.contains(value), "secret value {value:?} shows: {text}");
+        }
+    }
+
+    fn assert_error_hides(err: &Error, values: &[&str]) {
+        assert_hides(&err.to_string(), values);
+        assert_hides(&format!("{err:?}"), values);
+    }
+
+    #[tokio::test]
+    async fn put_then_get_creates_the_prefixed_secret() -> Result<()> {
+        let moto = MotoServer::shared().await?;
+        let p = provider(moto.endpoint(), "aragora");
+        let key = "put_get_password";
+        assert_eq!(p.secret_id(key), "aragora/put_get_password");
+        assert!(p.is_writable());
+
+        p.set_credential(key, SecretString::from("pw-put-get-1")).await?;
+        assert_eq!(read(&p, key).await?.as_deref(), Some("pw-put-get-1"));
+        assert_eq!(require_credential(&p, key).await?.expose_secret(), "pw-put-get-1");
+
+        // It is an ordinary secret named aragora/<key> holding the value as its SecretString.
+        let stored = sdk_client(moto).get_secret_value().secret_id("aragora/put_get_password").send().await?;
+        assert_eq!(stored.secret_string(), Some("pw-put-get-1"));
+        assert_eq!(p.secret_versions(key).await?.len(), 1);
+        assert_eq!(
+            p.describe(),
+            format!("AWS Secrets Manager secrets aragora/* in region us-east-1 at {}", moto.endpoint())
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_missing_secret_is_none() -> Result<()> {
+        let moto = MotoServer::shared().await?;
+        let p = provider(moto.endpoint(), "aragora");
+        assert_eq!(read(&p, "never_stored_key").await?, None);
+        assert!(p.secret_versions("never_stored_key").await?.is_empty());
+
+        let err = require_credential(&p, "never_stored_key").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Auth);
+        assert_eq!(
+            err.to_string(),
+            "missing credential `never_stored_key`: set AWS Secrets Manager secret \
+             aragora/never_stored_key in region us-east-1"
+        );
+        assert!(p.get_credential("Not-A-Key").await.is_err(), "keys are checked before any request");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn rotation_adds_a_version_and_reads_the_newest() -> Result<()> {
+        let moto = MotoServer::shared().await?;
+        let p = provider(moto.endpoint(), "rotation");
+        let key = "qbo_refresh_token";
+        let first = p.put_secret_value(key, &SecretString::from("rt-one")).await?;
+        p.set_credential(key, SecretString::from("rt-two")).await?;
+        assert_eq!(read(&p, key).await?.as_deref(), Some("rt-two"));
+
+        let versions = p.secret_versions(key).await?;
+        assert_eq!(versions.len(), 2, "{versions:?}");
+        assert!(versions[0].is_current(), "{versions:?}");
+        assert_ne!(versions[0].id, first);
+        assert_eq!(versions[1].id, first);
+        assert_eq!(versions[1].stages, ["AWSPREVIOUS"]);
+
+        // The previous value is still there, under AWSPREVIOUS.
+        let previous = sdk_client(moto)
+            .get_secret_value()
+            .secret_id("rotation/qbo_refresh_token")
+            .version_stage("AWSPREVIOUS")
+            .send()
+            .await?;
+        assert_eq!(previous.secret_string(), Some("rt-one"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn prefixes_keep_secrets_apart() -> Result<()> {
+        let moto = MotoServer::shared().await?;
+        let team = provider(moto.endpoint(), "/team-a/");
+        let default = provider(moto.endpoint(), "aragora");
+        let none = provider(moto.endpoint(), "");
+        let key = "prefix_github_token";
+        assert_eq!(team.secret_id(key), "team-a/prefix_github_token");
+
+        team.set_credential(key, SecretString::from("ghp-team")).await?;
+        assert_eq!(read(&team, key).await?.as_deref(), Some("ghp-team"));
+        assert_eq!(read(&default, key).await?, None, "aragora/ does not see team-a/");
+
+        // A secret made outside the provider, under another prefix, and one without a prefix.
+        let client = sdk_client(moto);
+        client.create_secret().name("other/prefix_github_token").secret_string("ghp-other").send().await?;
+        client.create_secret().name("prefix_github_token").secret_string("ghp-bare").send().await?;
+        assert_eq!(read(&provider(moto.endpoint(), "other"), key).await?.as_deref(), Some("ghp-other"));
+        assert_eq!(read(&none, key).await?.as_deref(), Some("ghp-bare"));
+        assert_eq!(read(&default, key).await?, None);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_secret_scheduled_for_deletion_reads_as_none() -> Result<()> {
+        let moto = MotoServer::shared().await?;
+        let p = provider(moto.endpoint(), "deleted");
+        p.set_credential("old_token", SecretString::from("tok-old")).await?;
+        sdk_client(moto).delete_secret().secret_id("deleted/old_token").send().await?;
+        assert_eq!(read(&p, "old_token").await?, None);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_binary_secret_is_a_source_error() -> Result<()> {
+        let moto = MotoServer::shared().await?;
+        let client = sdk_client(moto);
+        let blob =
+            connector_core::reexports::aws_sdk_secretsmanager::primitives::Blob::new(b"bin-secret".to_vec());
+        client.create_secret().name("kinds/binary_key").secret_binary(blob).send().await?;
+        let p = provider(moto.endpoint(), "kinds");
+        let err = p.get_credential("binary_key").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Source, "{err}");
+        assert!(err.to_string().contains("kinds/binary_key"), "{err}");
+        assert!(err.to_string().contains("binary"), "{err}");
+        assert_error_hides(&err, &["bin-secret"]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn chain_writes_rotated_tokens_to_secrets_manager() -> Result<()> {
+        let moto = MotoServer::shared().await?;
+        let aws: Arc<dyn CredentialProvider> = Arc::new(provider(moto.endpoint(), "chain"));
+        let env: Arc<dyn CredentialProvider> = Arc::new(EnvCredentialProvider::with_prefix("AWSCHAINTEST_"));
+        let chain = ChainCredentialProvider::new().then(env).then(aws.clone());
+        chain.set_credential("rotated_token", SecretString::from("r-1")).await?;
+        assert_eq!(read(aws.as_ref(), "rotated_token").await?.as_deref(), Some("r-1"));
+        assert_eq!(read(&chain, "rotated_token").await?.as_deref(), Some("r-1"));
+        let err = require_credential(&chain, "nowhere").await.unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "environment variable AWSCHAINTEST_NOWHERE or AWS Secrets Manager secret chain/nowhere"
+            ),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    /// A Secrets Manager that answers every request with one error, as the service does: JSON
+    /// 1.1, `{"__type": ..., "message": ...}`. When `echo` is set, the message also quotes the
+    /// request body, as a careless proxy might, to prove the provider still hides the value.
+    struct ErrorFake {
+        endpoint: String,
+        targets: Arc<Mutex<Vec<String>>>,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for ErrorFake {
+        fn drop(&mut self) {
+            self.server.abort();
+        }
+    }
+
+    #[derive(Clone)]
+    struct FakeAnswer {
+        status: StatusCode,
+        error_type: &'static str,
+        message: &'static str,
+        echo: bool,
+        targets: Arc<Mutex<Vec<String>>>,
+    }
+
+    async fn answer(State(fake): State<FakeAnswer>, headers: HeaderMap, body: Bytes) -> Response {
+        let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        fake.targets.lock().unwrap().push(target.to_owned());
+        let mut message = fake.message.to_owned();
+        if fake.echo {
+            message.push_str(&format!(" (request: {})", String::from_utf8_lossy(&body)));
+        }
+        let body =
+            connector_core::reexports::serde_json::json!({ "__type": fake.error_type, "message": message })
+                .to_string();
+        (fake.status, [("content-type", "application/x-amz-json-1.1")], body).into_response()
+    }
+
+    async fn error_fake(
+        status: StatusCode,
+        error_type: &'static str,
+        message: &'static str,
+        echo: bool,
+    ) -> ErrorFake {
+        let targets = Arc::new(Mutex::new(Vec::new()));
+        let state = FakeAnswer { status, error_type, message, echo, targets: targets.clone() };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("address"));
+        let app = Router::new().fallback(answer).with_state(state);
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        ErrorFake { endpoint, targets, server }
+    }
+
+    fn fake_provider(endpoint: &str) -> AwsSecretsManagerCredentialProvider {
+        let config =
+            AwsSecretsManagerConfig { endpoint_url: Some(endpoint.to_owned()), ..Default::default() };
+        AwsSecretsManagerCredentialProvider::with_sdk_config(config, &sdk_config(false))
+            .expect("valid settings")
+    }
+
+    #[tokio::test]
+    async fn access_denied_is_an_auth_error_naming_the_secret_and_region() -> Result<()> {
+        for error_type in
+            ["AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException"]
+        {
+            let fake = error_fake(
+                StatusCode::BAD_REQUEST,
+                error_type,
+                "User: arn:aws:iam::123456789012:user/ci is not authorized to perform this operation",
+                true,
+            )
+            .await;
+            let p = fake_provider(&fake.endpoint);
+            let read_err = p.get_credential("postgres_password").await.unwrap_err();
+            let write_err =
+                p.set_credential("postgres_password", SecretString::from("pw-DENIED-42")).await.unwrap_err();
+            for err in [&read_err, &write_err] {
+                assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+                assert!(!err.is_retryable());
+                let message = err.to_string();
+                assert!(message.contains("aragora/postgres_password"), "{message}");
+                assert!(message.contains("region us-east-1"), "{message}");
+                assert!(message.contains(error_type), "{message}");
+                assert_error_hides(err, &["pw-DENIED-42"]);
+            }
+            assert!(read_err.to_string().contains("denied reading"), "{read_err}");
+            assert!(write_err.to_string().contains("denied writing"), "{write_err}");
+            assert!(
+                write_err.to_string().contains("[redacted]"),
+                "the echoed value is replaced: {write_err}"
+            );
+            assert_eq!(
+                *fake.targets.lock().unwrap(),
+                ["secretsmanager.GetSecretValue", "secretsmanager.PutSecretValue"],
+                "one request each, no retry of a denied request"
+            );
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn writing_a_secret_scheduled_for_deletion_says_to_restore_it() -> Result<()> {
+        // moto accepts new versions of a deleted secret; Secrets Manager answers this.
+        let fake = error_fake(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestException",
+            "You can't perform this operation on the secret because it was marked for deletion.",
+            true,
+        )
+        .await;
+        let err = fake_provider(&fake.endpoint)
+            .set_credential("old_token", SecretString::from("tok-new-77"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        assert!(err.to_string().contains("scheduled for deletion"), "{err}");
+        assert!(err.to_string().contains("restore-secret --secret-id aragora/old_token"), "{err}");
+        assert_error_hides(&err, &["tok-new-77"]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn throttling_and_server_errors_are_transient_naming_the_endpoint() -> Result<()> {
+        let cases = [
+            (StatusCode::INTERNAL_SERVER_ERROR, "InternalServiceError"),
+            (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+            (StatusCode::BAD_REQUEST, "ThrottlingException"),
+        ];
+        for (status, error_type) in cases {
+            let fake = error_fake(status, error_type, "try again later", false).await;
+            let p = fake_provider(&fake.endpoint);
+            let err = p.get_credential("postgres_password").await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+            assert!(err.is_retryable());
+            assert!(err.to_string().contains(&fake.endpoint), "{err}");
+            assert!(err.to_string().contains(error_type), "{err}");
+        }
+        // Other rejections are the source's errors, not retried.
+        let fake =
+            error_fake(StatusCode::BAD_REQUEST, "InvalidParameterException", "bad parameter", false).await;
+        let err = fake_provider(&fake.endpoint).get_credential("postgres_password").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Source, "{err}");
+        assert!(err.to_string().contains("InvalidParameterException: bad parameter"), "{err}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn credentials_that_cannot_be_loaded_are_an_auth_error() -> Result<()> {
+        use connector_core::reexports::aws_config::provider_config::ProviderConfig;
+        use connector_core::reexports::aws_config::web_identity_token::{
+            StaticConfiguration, WebIdentityTokenCredentialsProvider,
+        };
+
+        // A web identity whose token file is missing fails before it asks STS.
+        let missing = WebIdentityTokenCredentialsProvider::builder()
+            .static_configuration(StaticConfiguration {
+                web_identity_token_file: "/nonexistent/connectors-testkit/token".into(),
+                role_arn: "arn:aws:iam::123456789012:role/connectors".into(),
+                session_name: "testkit".into(),
+            })
+            .configure(&ProviderConfig::without_region().with_region(Some(Region::new(MotoServer::REGION))))
+            .build();
+        let sdk = sdk_config(false)
+            .into_builder()
+            .credentials_provider(SharedCredentialsProvider::new(missing))
+            .build();
+        let fake = error_fake(StatusCode::BAD_REQUEST, "AccessDeniedException", "unexpected", false).await;
+        let config =
+            AwsSecretsManagerConfig { endpoint_url: Some(fake.endpoint.clone()), ..Default::default() };
+        let p = AwsSecretsManagerCredentialProvider::with_sdk_config(config, &sdk)?;
+
+        let err = p.get_credential("postgres_password").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+        let message = err.to_string();
+        assert!(message.contains("no usable AWS credentials"), "{message}");
+        assert!(message.contains("aragora/postgres_password"), "{message}");
+        assert!(fake.targets.lock().unwrap().is_empty(), "nothing was sent without credentials");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_is_transient_naming_the_endpoint() -> Result<()> {
+        // Nothing listens on port 1.
+        let p = fake_provider("http://127.0.0.1:1");
+        for err in [
+            p.get_credential("postgres_password").await.unwrap_err(),
+            p.set_credential("postgres_password", SecretString::from("pw-unsent-9")).await.unwrap_err(),
+        ] {
+            assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+            assert!(err.is_retryable());
+            let message = err.to_string();
+            assert!(
+                message.contains("could not reach AWS Secrets Manager at http://127.0.0.1:1"),
+                "{message}"
+            );
+            assert!(message.contains("aragora/postgres_password"), "{message}");
+            assert_error_hides(&err, &["pw-unsent-9"]);
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn debug_output_never_shows_secrets() -> Result<()> {
+        let moto = MotoServer::shared().await?;
+        let config = AwsSecretsManagerConfig {
+            endpoint_url: Some(moto.endpoint().to_owned()),
+            prefix: "debug".into(),
+            ..AwsSecretsManagerConfig::default()
+        };
+        let p = AwsSecretsManagerCredentialProvider::with_sdk_config(config.clone(), &sdk_config(true))?;
+        p.set_credential("debug_key", SecretString::from("dbg-VALUE-31")).await?;
+        let value = p.get_credential("debug_key").await?.expect("stored");
+        let lazy = AwsSecretsManagerCredentialProvider::new(config.clone())?;
+        let outputs = [
+            format!("{config:?}"),
+            format!("{p:?}"),
+            format!("{p:#?}"),
+            format!("{lazy:?}"),
+            format!("{value:?}"),
+            format!("{:?}", p.secret_versions("debug_key").await?),
+            p.describe(),
+            p.location_of("debug_key"),
+        ];
+        for output in outputs {
+            assert_hides(&output, &["dbg-VALUE-31"]);
+        }
+        assert!(format!("{p:?}").contains(moto.endpoint()));
+        assert!(format!("{p:?}").contains("us-east-1"));
+        Ok(())
+    }
 }

@@ -292,7 +292,7 @@ pub struct SearchArgs {
 
 pub async fn search(path: &Path, args: SearchArgs) -> Outcome {
     let tenant = tenant(&args.tenant)?;
-    let loaded = load_for_store(path)?;
+    let loaded = load_or_defaults(path)?;
     let store = loaded.store().await?;
     let hits =
         store.search(&tenant, &args.query, args.limit).await.map_err(|e| CliError::from_core("search", e))?;
@@ -333,7 +333,7 @@ pub async fn export(path: &Path, args: ExportArgs) -> Outcome {
         .map(connector_core::ConnectorId::new)
         .transpose()
         .map_err(|e| CliError::usage(format!("--connector: {e}")))?;
-    let loaded = load_for_store(path)?;
+    let loaded = load_or_defaults(path)?;
     let store = loaded.store().await?;
     let mut docs = store.export(&tenant, connector.as_ref());
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -360,11 +360,11 @@ pub async fn export(path: &Path, args: ExportArgs) -> Outcome {
     Ok(0)
 }
 
-/// Search and export need the store only: a missing config file means the defaults.
-fn load_for_store(path: &Path) -> Result<Loaded, CliError> {
+/// Search, export and auth can run without a file: a missing default file means the defaults.
+pub(crate) fn load_or_defaults(path: &Path) -> Result<Loaded, CliError> {
     if !path.exists() && std::env::var_os("ARAGORA_CONFIG").is_none() && path == Path::new("connectors.toml")
     {
-        return Ok(Loaded { path: path.to_path_buf(), file: Default::default(), connectors: vec![] });
+        return config::defaults(path);
     }
     config::load(path)
 }
@@ -435,6 +435,7 @@ pub struct CheckArgs {
 pub async fn check(path: &Path, args: CheckArgs) -> Outcome {
     let loaded = config::load(path)?;
     println!("{}: configuration ok ({} connectors)", path.display(), loaded.connectors.len());
+    println!("credentials: {}", loaded.credentials.provider.describe());
     let selected = loaded.select(args.connector.as_slice())?;
     let mut failed = false;
     match loaded.store().await {

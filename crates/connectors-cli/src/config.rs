@@ -3,10 +3,15 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use connector_core::state::{JsonFileStateStore, StateStore};
 use connector_core::store::KnowledgeStore;
-use connector_core::{Connector, ConnectorContext, CredentialProvider, EnvCredentialProvider};
+use connector_core::{
+    AwsSecretsManagerConfig, AwsSecretsManagerCredentialProvider, CachedCredentialProvider,
+    ChainCredentialProvider, Connector, ConnectorContext, CredentialProvider, EnvCredentialProvider,
+    VaultConfig, VaultCredentialProvider,
+};
 use serde::Deserialize;
 
 use crate::CliError;
@@ -48,26 +53,63 @@ pub struct StateSection {
     pub url: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialsSection {
-    /// Providers tried in order.
+    /// Providers asked in order: `env`, `vault`, `aws-secrets-manager`.
     #[serde(default = "default_providers")]
     pub providers: Vec<String>,
-    /// HashiCorp Vault settings.
+    /// Seconds a found value stays cached; 0 turns the cache off. Default 60.
+    pub cache_ttl_seconds: Option<u64>,
+    /// HashiCorp Vault settings (core's `VaultConfig`).
     pub vault: Option<toml::Table>,
     /// AWS Secrets Manager settings.
     pub aws_secrets_manager: Option<toml::Table>,
 }
 
+/// Names the provider tables' keys only: their values may be secrets (a Vault token).
+impl std::fmt::Debug for CredentialsSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys = |t: &Option<toml::Table>| t.as_ref().map(|t| t.keys().cloned().collect::<Vec<_>>());
+        f.debug_struct("CredentialsSection")
+            .field("providers", &self.providers)
+            .field("cache_ttl_seconds", &self.cache_ttl_seconds)
+            .field("vault", &keys(&self.vault))
+            .field("aws_secrets_manager", &keys(&self.aws_secrets_manager))
+            .finish()
+    }
+}
+
 impl Default for CredentialsSection {
     fn default() -> Self {
-        Self { providers: default_providers(), vault: None, aws_secrets_manager: None }
+        Self {
+            providers: default_providers(),
+            cache_ttl_seconds: None,
+            vault: None,
+            aws_secrets_manager: None,
+        }
     }
 }
 
 fn default_providers() -> Vec<String> {
     vec!["env".into()]
+}
+
+/// The provider names `[credentials] providers` accepts, with the table each one reads.
+const PROVIDERS: [(&str, Option<&str>); 3] =
+    [("env", None), ("vault", Some("vault")), ("aws-secrets-manager", Some("aws_secrets_manager"))];
+
+/// How long found credentials stay cached when `cache_ttl_seconds` is not set.
+const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// The configured credential providers.
+pub struct Credentials {
+    /// The chain, behind the cache: what connectors read from and write to.
+    pub provider: Arc<dyn CredentialProvider>,
+    /// Where writes go: the first provider of the chain that stores durably, if any.
+    pub writer: Option<Arc<dyn CredentialProvider>>,
+    /// The providers asked before the writer: a key they hold shadows the written value.
+    pub before_writer: Vec<Arc<dyn CredentialProvider>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +138,7 @@ pub struct ScheduleSection {
 pub struct Loaded {
     pub path: PathBuf,
     pub file: FileConfig,
+    pub credentials: Credentials,
     pub connectors: Vec<Arc<dyn Connector>>,
 }
 
@@ -131,8 +174,7 @@ pub fn load(path: &Path) -> Result<Loaded, CliError> {
         };
         CliError::usage(format!("cannot read configuration {shown}: {e}{hint}"))
     })?;
-    let file: FileConfig = toml::from_str(&text)
-        .map_err(|e| CliError::usage(format!("{shown}: {}", e.to_string().trim_end())))?;
+    let file: FileConfig = toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))?;
     if let Some(listen) = &file.server.listen {
         listen.parse::<std::net::SocketAddr>().map_err(|e| {
             CliError::usage(format!(
@@ -140,8 +182,8 @@ pub fn load(path: &Path) -> Result<Loaded, CliError> {
             ))
         })?;
     }
-    let credentials = credential_provider(path, &file.credentials)?;
-    let ctx = ConnectorContext::new(credentials);
+    let credentials = credentials(path, &file.credentials)?;
+    let ctx = ConnectorContext::new(credentials.provider.clone());
     let mut connectors: Vec<Arc<dyn Connector>> = Vec::new();
     let mut seen = BTreeSet::new();
     for (index, table) in file.connectors.iter().enumerate() {
@@ -177,40 +219,172 @@ pub fn load(path: &Path) -> Result<Loaded, CliError> {
         }
         connectors.push(connector);
     }
-    Ok(Loaded { path: path.to_path_buf(), file, connectors })
+    Ok(Loaded { path: path.to_path_buf(), file, credentials, connectors })
 }
 
-fn credential_provider(
-    path: &Path,
-    section: &CredentialsSection,
-) -> Result<Arc<dyn CredentialProvider>, CliError> {
-    for (key, table) in [("vault", &section.vault), ("aws_secrets_manager", &section.aws_secrets_manager)] {
-        if table.is_some() {
+/// The defaults, as when the file is empty (for commands that run without a file).
+pub fn defaults(path: &Path) -> Result<Loaded, CliError> {
+    let file = FileConfig::default();
+    let credentials = credentials(path, &file.credentials)?;
+    Ok(Loaded { path: path.to_path_buf(), file, credentials, connectors: vec![] })
+}
+
+/// A TOML error without the source line it points at (which may hold a secret: a Vault token,
+/// a password in a store URL), with the table and key it is in, and the line and column.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> CliError {
+    let message = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return CliError::usage(format!("{}: {message}", path.display()));
+    };
+    let mut start = span.start.min(text.len());
+    while !text.is_char_boundary(start) {
+        start -= 1;
+    }
+    let before = &text[..start];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    let table = before[..line_start].lines().rev().map(strip_comment).find_map(table_header);
+    let line_text = text[line_start..].lines().next().unwrap_or("");
+    let key = line_text.split_once('=').map(|(k, _)| k.trim()).filter(|k| is_key(k));
+    let place = match (table, key) {
+        (Some(t), Some(k)) => format!("{t} {k}: "),
+        (Some(t), None) => format!("{t}: "),
+        (None, Some(k)) => format!("{k}: "),
+        (None, None) => String::new(),
+    };
+    CliError::usage(format!("{}: {place}{message} (line {line}, column {column})", path.display()))
+}
+
+fn strip_comment(line: &str) -> &str {
+    line.split_once('#').map_or(line, |(l, _)| l).trim()
+}
+
+/// `[table]` or `[[array]]` when `line` is a table header.
+fn table_header(line: &str) -> Option<&str> {
+    let inner = line.strip_prefix('[')?.strip_suffix(']')?;
+    let inner = inner.strip_prefix('[').and_then(|i| i.strip_suffix(']')).unwrap_or(inner);
+    is_key(inner.trim()).then_some(line)
+}
+
+/// A bare or dotted TOML key (`providers`, `credentials.vault`).
+fn is_key(text: &str) -> bool {
+    !text.is_empty() && text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '))
+}
+
+/// Builds the providers `[credentials] providers` names, in order, as a chain behind the cache.
+fn credentials(path: &Path, section: &CredentialsSection) -> Result<Credentials, CliError> {
+    let shown = path.display();
+    let known = || PROVIDERS.iter().map(|(name, _)| format!("{name:?}")).collect::<Vec<_>>().join(", ");
+    if section.providers.is_empty() {
+        return Err(CliError::usage(format!(
+            "{shown}: [credentials] providers: the list is empty; name at least one of {}",
+            known()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for name in &section.providers {
+        if !PROVIDERS.iter().any(|(known, _)| known == name) {
             return Err(CliError::usage(format!(
-                "{}: [credentials.{key}]: this provider is not available in this build yet; remove the table and use the \"env\" provider",
-                path.display()
+                "{shown}: [credentials] providers: unknown provider {name:?}; known providers: {}",
+                known()
+            )));
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(CliError::usage(format!(
+                "{shown}: [credentials] providers: {name:?} is listed twice"
             )));
         }
     }
-    match section.providers.as_slice() {
-        [only] if only == "env" => Ok(Arc::new(EnvCredentialProvider::new())),
-        [] => {
-            Err(CliError::usage(format!("{}: credentials.providers is empty; use [\"env\"]", path.display())))
-        }
-        list => {
-            let other = list.iter().find(|p| p.as_str() != "env").map(String::as_str).unwrap_or("env");
-            Err(CliError::usage(match other {
-                "vault" | "aws-secrets-manager" => format!(
-                    "{}: credentials.providers: {other:?} is not available in this build yet; use [\"env\"]",
-                    path.display()
-                ),
-                _ => format!(
-                    "{}: credentials.providers: unknown provider {other:?}; expected \"env\", \"vault\" or \"aws-secrets-manager\"",
-                    path.display()
-                ),
-            }))
+    let tables =
+        [("vault", section.vault.is_some()), ("aws_secrets_manager", section.aws_secrets_manager.is_some())];
+    for (table, present) in tables {
+        let (name, _) =
+            PROVIDERS.iter().find(|(_, t)| *t == Some(table)).expect("every table has a provider");
+        if present && !seen.contains(name) {
+            return Err(CliError::usage(format!(
+                "{shown}: [credentials.{table}]: the table is set but {name:?} is not in [credentials] \
+                 providers ({}); add it (e.g. providers = [{name:?}, \"env\"]) or remove the table",
+                section.providers.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
+            )));
         }
     }
+    let mut providers: Vec<Arc<dyn CredentialProvider>> = Vec::new();
+    for name in &section.providers {
+        providers.push(match name.as_str() {
+            "env" => Arc::new(EnvCredentialProvider::new()),
+            "vault" => vault_provider(path, section.vault.as_ref())?,
+            "aws-secrets-manager" => aws_provider(path, section.aws_secrets_manager.as_ref())?,
+            other => unreachable!("provider {other:?} was checked above"),
+        });
+    }
+    let writer_index = providers.iter().position(|p| p.is_writable());
+    let writer = writer_index.map(|i| providers[i].clone());
+    let before_writer = providers[..writer_index.unwrap_or(0)].to_vec();
+    let chain = ChainCredentialProvider::from_providers(providers);
+    let ttl = section.cache_ttl_seconds.map_or(DEFAULT_CACHE_TTL, Duration::from_secs);
+    let provider: Arc<dyn CredentialProvider> = if ttl.is_zero() {
+        Arc::new(chain)
+    } else {
+        Arc::new(CachedCredentialProvider::with_ttl(chain, ttl))
+    };
+    Ok(Credentials { provider, writer, before_writer })
+}
+
+/// `[credentials.vault]`: a [`VaultCredentialProvider`]; without the table, the defaults
+/// (`VAULT_ADDR`, `VAULT_TOKEN`). Does not contact Vault.
+fn vault_provider(path: &Path, table: Option<&toml::Table>) -> Result<Arc<dyn CredentialProvider>, CliError> {
+    let config: VaultConfig = match table {
+        Some(table) => provider_table(path, "vault", table, &["token", "secret_id"])?,
+        None => VaultConfig::default(),
+    };
+    let provider = VaultCredentialProvider::new(config)
+        .map_err(|e| CliError::usage(format!("{}: [credentials.vault]: {e}", path.display())))?;
+    Ok(Arc::new(provider))
+}
+
+/// `[credentials.aws_secrets_manager]`: an [`AwsSecretsManagerCredentialProvider`]; without the
+/// table, the defaults (region and credentials from the standard AWS chain). Does not contact
+/// AWS.
+fn aws_provider(path: &Path, table: Option<&toml::Table>) -> Result<Arc<dyn CredentialProvider>, CliError> {
+    let config: AwsSecretsManagerConfig = match table {
+        Some(table) => provider_table(path, "aws_secrets_manager", table, &[])?,
+        None => AwsSecretsManagerConfig::default(),
+    };
+    let provider = AwsSecretsManagerCredentialProvider::new(config).map_err(|e| {
+        CliError::usage(format!("{}: [credentials.aws_secrets_manager]: {e}", path.display()))
+    })?;
+    Ok(Arc::new(provider))
+}
+
+/// Deserializes the table `[credentials.<name>]` into a provider's settings. The values of
+/// `secret_fields` appear in no message: they must be strings, and are cut out of errors.
+fn provider_table<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    name: &str,
+    table: &toml::Table,
+    secret_fields: &[&str],
+) -> Result<T, CliError> {
+    let shown = path.display();
+    let mut secrets = Vec::new();
+    for field in secret_fields {
+        match table.get(*field) {
+            None => {}
+            Some(toml::Value::String(s)) => secrets.push(s.as_str()),
+            Some(_) => {
+                return Err(CliError::usage(format!(
+                    "{shown}: [credentials.{name}]: `{field}` must be a string"
+                )));
+            }
+        }
+    }
+    T::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+        let mut message = e.to_string().trim().replace('\n', " ");
+        for secret in secrets.iter().filter(|s| s.len() >= 4) {
+            message = message.replace(secret, "<redacted>");
+        }
+        CliError::usage(format!("{shown}: [credentials.{name}]: {message}"))
+    })
 }
 
 impl Loaded {

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success; 1 a sync (or check) failed; 2 bad usage or configuration.
 
+mod auth;
 mod commands;
 mod config;
 
@@ -70,6 +71,8 @@ enum Command {
     },
     /// Check configuration, credentials and connectivity.
     Check(commands::CheckArgs),
+    /// Authorize an OAuth2 vendor (gdrive, quickbooks, gusto, xero) and store its tokens.
+    Auth(auth::AuthArgs),
 }
 
 fn init_tracing() {
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
             Command::Export(args) => commands::export(&config_path, args).await,
             Command::State { action } => commands::state(&config_path, action).await,
             Command::Check(args) => commands::check(&config_path, args).await,
+            Command::Auth(args) => auth::auth(&config_path, args).await,
         }
     });
     match result {

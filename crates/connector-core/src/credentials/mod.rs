@@ -1,8 +1,10 @@
 //! Credentials: the [`CredentialProvider`] trait and the default [`EnvCredentialProvider`].
 //!
 //! Other providers: [`StaticCredentialProvider`] (in memory), `VaultCredentialProvider` (HashiCorp
-//! Vault KV v2, cargo feature `vault`), and the combinators [`ChainCredentialProvider`] (several
-//! sources in order) and [`CachedCredentialProvider`] (a TTL cache in front of a provider).
+//! Vault KV v2, cargo feature `vault`), `AwsSecretsManagerCredentialProvider` (AWS Secrets
+//! Manager, cargo feature `aws-secrets-manager`), and the combinators [`ChainCredentialProvider`]
+//! (several sources in order) and [`CachedCredentialProvider`] (a TTL cache in front of a
+//! provider).
 //!
 //! A key is a lowercase snake name, the guide's environment variable without its prefix:
 //! `postgres_password`, `github_token`. Values are [`SecretString`]s: they never appear in
@@ -16,10 +18,14 @@ pub use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::{Error, Result};
 
+#[cfg(feature = "aws-secrets-manager")]
+mod aws;
 mod chain;
 #[cfg(feature = "vault")]
 mod vault;
 
+#[cfg(feature = "aws-secrets-manager")]
+pub use aws::{AwsSecretsManagerConfig, AwsSecretsManagerCredentialProvider, SecretVersion};
 pub use chain::{CachedCredentialProvider, ChainCredentialProvider};
 #[cfg(feature = "vault")]
 pub use vault::{VaultConfig, VaultCredentialProvider};

@@ -46,9 +46,12 @@ pub(super) fn apply(
             let known: Option<(i64, String)> = find
                 .query_row(params![tenant, connector, change.id()], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            let hash = match change {
-                Change::Upsert(doc) => doc.content_hash(),
-                Change::Delete { .. } => String::new(),
+            let (hash, metadata) = match change {
+                Change::Upsert(doc) => {
+                    let metadata = doc.metadata.to_string();
+                    (doc.content_hash_with(metadata.as_bytes()), metadata)
+                }
+                Change::Delete { .. } => (String::new(), String::new()),
             };
             outcome.outcomes[i] = match (change, known) {
                 (Change::Upsert(_), Some((rowid, old))) if old == hash => {
@@ -79,7 +82,7 @@ pub(super) fn apply(
                         doc.author,
                         ts(doc.created_at),
                         ts(doc.updated_at),
-                        doc.metadata.to_string(),
+                        metadata,
                         hash,
                         scope.generation,
                         now,
