@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::document::{Change, ItemFailure};
 use crate::error::Result;
 use crate::ids::{ConnectorId, TenantId};
+use crate::realtime::{ChangeFeed, ItemRef};
 
 /// A connector-defined position within one stream (a `(timestamp, id)` pair, a page token,
 /// a tree SHA). Opaque to the engine; stored as JSON in the sync state.
@@ -124,6 +125,19 @@ pub trait Connector: Send + Sync {
 
     /// Reads the source from `request.cursors` as a stream of batches.
     fn read(&self, request: ReadRequest) -> BoxStream<'_, Result<Batch>>;
+
+    /// The current state of specific items, for real-time hints: an upsert for each item that
+    /// exists and a delete for each that does not. `None` when the connector cannot fetch
+    /// single items (the engine then runs an incremental sync instead).
+    async fn fetch(&self, _items: &[ItemRef]) -> Result<Option<Batch>> {
+        Ok(None)
+    }
+
+    /// The connector's live change feed (LISTEN/NOTIFY, a change stream), when it has one
+    /// configured. Called once by `connectors run`.
+    fn change_feed(&self) -> Option<Box<dyn ChangeFeed>> {
+        None
+    }
 }
 
 #[async_trait]
@@ -148,6 +162,12 @@ impl<T: Connector + ?Sized> Connector for Arc<T> {
     }
     fn read(&self, request: ReadRequest) -> BoxStream<'_, Result<Batch>> {
         (**self).read(request)
+    }
+    async fn fetch(&self, items: &[ItemRef]) -> Result<Option<Batch>> {
+        (**self).fetch(items).await
+    }
+    fn change_feed(&self) -> Option<Box<dyn ChangeFeed>> {
+        (**self).change_feed()
     }
 }
 

@@ -30,6 +30,7 @@ use crate::connector::{Batch, Checkpoint, Connector, Cursors, ReadMode, ReadRequ
 use crate::document::{Change, Document, ItemFailure};
 use crate::error::{Error, ErrorKind, Result, RetryClass};
 use crate::ids::{ConnectorId, TenantId};
+use crate::realtime::ItemRef;
 use crate::state::{ERRORS_LIMIT, FullSyncProgress, RunRecord, StateStore, SyncState};
 use crate::store::{ChangeOutcome, KnowledgeStore, WriteScope};
 
@@ -316,6 +317,76 @@ impl SyncEngine {
             duration: started.elapsed(),
             timings: counters.timings,
         }
+    }
+
+    /// Brings specific items up to date after a real-time hint: fetches their current state
+    /// from the source ([`Connector::fetch`]) and writes it, upserts and deletes, without
+    /// touching any cursor (scheduled syncs stay the source of completeness).
+    ///
+    /// Returns `None` when the hint cannot be served this way: the connector cannot fetch
+    /// single items, or it never completed a first sync. The caller then runs an incremental
+    /// [`sync`](Self::sync). Like `sync`, it never runs beside another sync of the connector:
+    /// it fails with "already running" instead, and the caller retries after that sync.
+    pub async fn sync_items(&self, items: &[ItemRef]) -> Option<SyncResult> {
+        let started = Instant::now();
+        let mut counters = Counters::default();
+        let outcome = self.sync_items_inner(items, &mut counters).await;
+        let error_kind = match outcome {
+            Ok(false) => return None,
+            Ok(true) => None,
+            Err(e) => {
+                counters.error(e.to_string());
+                Some(e.kind())
+            }
+        };
+        Some(SyncResult {
+            connector_id: self.connector.connector_id().clone(),
+            tenant_id: self.connector.tenant_id().clone(),
+            success: error_kind.is_none() && counters.failed == 0,
+            full_sync: false,
+            items_synced: counters.synced,
+            items_failed: counters.failed,
+            items_deleted: counters.deleted,
+            items_unchanged: counters.unchanged,
+            errors: counters.errors,
+            error_kind,
+            duration: started.elapsed(),
+            timings: counters.timings,
+        })
+    }
+
+    async fn sync_items_inner(&self, items: &[ItemRef], counters: &mut Counters) -> Result<bool> {
+        if self.running.swap(true, Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("a sync of {} is already running", self.connector.connector_id()),
+            ));
+        }
+        let _running = RunningGuard(&self.running);
+        let (cid, tid) = (self.connector.connector_id().clone(), self.connector.tenant_id().clone());
+        let _lock = self.state.lock(&cid, &tid).await?;
+        let Some(mut state) = self.state.load(&cid, &tid).await? else { return Ok(false) };
+        if state.last_sync_at.is_none() {
+            return Ok(false);
+        }
+        let started = Instant::now();
+        let Some(batch) = self.connector.fetch(items).await? else { return Ok(false) };
+        counters.timings.read += started.elapsed();
+        // The current generation: a later full sync stamps a newer one, and an interrupted
+        // full sync (an older one) keeps these documents when it sweeps.
+        let scope = WriteScope {
+            tenant_id: tid,
+            connector_id: cid,
+            generation: state.generation,
+            touch_unchanged: false,
+        };
+        let pending =
+            Pending { changes: batch.changes, failures: batch.failures, checkpoints: Vec::new(), bytes: 0 };
+        self.commit(pending, &scope, &mut state, counters, None).await?;
+        let busy_before = self.store.index_busy();
+        self.store.flush_index().await?;
+        counters.timings.index += self.store.index_busy().saturating_sub(busy_before);
+        Ok(true)
     }
 
     async fn sync_inner(

@@ -106,6 +106,19 @@ impl Connector for FakeSource {
             .collect();
         futures::stream::iter(batches).boxed()
     }
+    async fn fetch(&self, items: &[ItemRef]) -> Result<Option<Batch>> {
+        let rows = self.rows.lock().unwrap();
+        let changes = items
+            .iter()
+            .map(|item| match rows.values().find(|(id, _)| *id == item.key) {
+                Some((id, text)) => {
+                    Change::Upsert(Document::new(id.clone(), "row", id.clone(), text.clone()))
+                }
+                None => Change::Delete { id: item.key.clone() },
+            })
+            .collect();
+        Ok(Some(Batch { changes, ..Default::default() }))
+    }
 }
 
 struct Harness {
@@ -309,4 +322,35 @@ async fn search_ranks_all_matches_and_snips_the_best() {
     assert!(hits.iter().all(|h| h.snippet.contains("[beacon]")), "{hits:?}");
     let other = TenantId::new("someone-else").unwrap();
     assert!(h.store.search(&other, "beacon", 3).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn item_hints_fetch_current_state_without_moving_cursors() {
+    let h = harness().await;
+    let item = |id: &str| ItemRef::new("rows", id);
+    // Before a first sync there is nothing to build on: the caller runs a sync instead.
+    assert!(h.engine.sync_items(&[item("a")]).await.is_none());
+    h.source.put("a", "first");
+    h.source.put("b", "second");
+    assert!(h.engine.sync(opts()).await.success);
+    let cursors =
+        h.engine.state.load(h.source.connector_id(), h.source.tenant_id()).await.unwrap().unwrap().cursors;
+
+    h.source.put("a", "changed");
+    h.source.remove("b");
+    h.source.put("c", "new");
+    let result = h.engine.sync_items(&[item("a"), item("b"), item("c"), item("zz")]).await.unwrap();
+    assert!(result.success, "{:?}", result.errors);
+    assert_eq!((result.items_synced, result.items_deleted), (2, 1));
+    assert_eq!(ids(&h.store, "t1").await, ["a", "c"]);
+    let tenant = TenantId::new("t1").unwrap();
+    let hits = h.store.search(&tenant, "changed", 5).await.unwrap();
+    assert_eq!(hits.len(), 1, "the hint's write is searchable when it returns");
+    let after = h.engine.state.load(h.source.connector_id(), h.source.tenant_id()).await.unwrap().unwrap();
+    assert_eq!(after.cursors, cursors, "hints never move cursors");
+
+    // A full sync later keeps what the hint wrote and still sweeps what is gone.
+    h.source.remove("c");
+    assert!(h.engine.sync(SyncOptions { full_sync: true, ..opts() }).await.success);
+    assert_eq!(ids(&h.store, "t1").await, ["a"]);
 }

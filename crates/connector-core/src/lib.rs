@@ -15,6 +15,7 @@ pub mod http;
 pub mod oauth;
 
 pub mod ids;
+pub mod realtime;
 pub mod state;
 pub mod store;
 
@@ -32,6 +33,7 @@ pub use credentials::{VaultConfig, VaultCredentialProvider};
 pub use document::{Change, Document, ItemFailure};
 
 pub use error::{Error, ErrorKind, Result, RetryClass};
+pub use realtime::{ChangeFeed, ChangeHint, ItemRef};
 pub use ids::{ConnectorId, TenantId};
 
 /// Re-exports for connector crates, so they share core's versions.
