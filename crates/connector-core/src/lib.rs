@@ -15,6 +15,7 @@ pub mod http;
 pub mod oauth;
 
 pub mod ids;
+pub mod lease;
 pub mod realtime;
 pub mod state;
 pub mod store;

@@ -172,3 +172,43 @@ fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
 }
+
+/// Connector leases in PostgreSQL (`connector_core::lease::PgLeaseStore`): two holders split
+/// the connectors, and the survivor takes over the dead one's after the TTL, by the database's
+/// clock.
+#[tokio::test]
+async fn pg_leases_split_connectors_and_expire() -> Result<()> {
+    use std::sync::Arc;
+
+    use connector_core::lease::{LeaseKey, LeaseManager, PgLeaseStore};
+    use connector_core::{ConnectorId, TenantId};
+
+    let pg = PgServer::shared().await?;
+    let db = pg.create_database("testkit_leases").await?;
+    let pool = connector_core::reexports::sqlx::PgPool::connect(&pg.url(&db)).await?;
+    // Two processes creating the tables at once is fine.
+    let (s1, s2) = tokio::join!(PgLeaseStore::new(pool.clone()), PgLeaseStore::new(pool.clone()));
+    let (s1, s2) = (Arc::new(s1?), Arc::new(s2?));
+    let keys: Vec<LeaseKey> =
+        (0..20).map(|i| (ConnectorId::new(format!("c{i}")).unwrap(), TenantId::new("t").unwrap())).collect();
+    let ttl = Duration::from_secs(2);
+    let a = LeaseManager::new(s1, "a", ttl, keys.clone());
+    let b = LeaseManager::new(s2, "b", ttl, keys.clone());
+    let idle = |_: &LeaseKey| false;
+    assert_eq!(a.cycle(&idle).await?.len(), 20);
+    assert_eq!(b.cycle(&idle).await?.len(), 0);
+    assert_eq!(a.cycle(&idle).await?.len(), 10);
+    assert_eq!(b.cycle(&idle).await?.len(), 10);
+    assert!(a.held().is_disjoint(&b.held()));
+
+    // b stops renewing; after the TTL a takes everything.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert_eq!(a.cycle(&idle).await?.len(), 20);
+    let held_by_b: i64 = connector_core::reexports::sqlx::query_scalar(
+        "SELECT count(*) FROM connector_leases WHERE holder = 'b'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(held_by_b, 0);
+    Ok(())
+}
