@@ -1,3 +1,8 @@
+//! `cargo xtask bench scheduler [--seconds N] [--connectors N]`: the scheduler with N connectors
+//! (default 10,000) on 1-second intervals against a no-op source, for N seconds (default 60):
+//! runs the release build of connector-core's `scheduler_bench` example, which prints runs done,
+//! CPU use, peak RSS and the lateness of runs.
+//!
 //! `cargo xtask bench pg [--rows N]`: how a full and an incremental sync of a PostgreSQL table
 //! compare with the fastest possible read of the same rows (`psql \copy ... to /dev/null`), and
 //! how much memory the sync needs. Runs at N/10 and N rows (default 1,000,000) to show whether
@@ -24,6 +29,10 @@ const COPY_QUERY: &str = "SELECT id, title, body, summary, author, tags, created
 const PHASES: &[&str] = &["read_ms", "write_ms", "index_ms", "state_ms"];
 
 pub fn run(mut args: Vec<String>) -> Result<()> {
+    if args.first().map(String::as_str) == Some("scheduler") {
+        args.remove(0);
+        return scheduler(args);
+    }
     let rows = match util::take_option(&mut args, "--rows")? {
         Some(n) => util::parse_count(&n)?,
         None => DEFAULT_ROWS,
@@ -32,8 +41,8 @@ pub fn run(mut args: Vec<String>) -> Result<()> {
         Some("pg") => {
             args.remove(0);
         }
-        Some(other) => bail!("unknown benchmark `{other}`; available: pg"),
-        None => bail!("which benchmark? `cargo xtask bench pg [--rows N]`"),
+        Some(other) => bail!("unknown benchmark `{other}`; available: pg, scheduler"),
+        None => bail!("which benchmark? `cargo xtask bench pg [--rows N]` or `cargo xtask bench scheduler`"),
     }
     util::no_more_args("bench pg", &args)?;
     if rows == 0 {
@@ -75,6 +84,26 @@ pub fn run(mut args: Vec<String>) -> Result<()> {
         bail!("sync failed: {}", failed.join("; "));
     }
     Ok(())
+}
+
+/// `bench scheduler`: the example does the work; it is built in release mode only here.
+fn scheduler(mut args: Vec<String>) -> Result<()> {
+    let seconds = util::take_option(&mut args, "--seconds")?.map(|s| util::parse_count(&s)).transpose()?;
+    let connectors =
+        util::take_option(&mut args, "--connectors")?.map(|s| util::parse_count(&s)).transpose()?;
+    util::no_more_args("bench scheduler", &args)?;
+    let (seconds, connectors) = (seconds.unwrap_or(60), connectors.unwrap_or(10_000));
+    if seconds == 0 || connectors == 0 {
+        bail!("--seconds and --connectors must be at least 1");
+    }
+    say(format!(
+        "{connectors} connectors on 1-second intervals for {seconds} s (building the example in release mode)"
+    ));
+    util::run(
+        cargo()
+            .args(["run", "--release", "-q", "-p", "connector-core", "--example", "scheduler_bench", "--"])
+            .args(["--seconds", &seconds.to_string(), "--connectors", &connectors.to_string()]),
+    )
 }
 
 struct SizeResult {

@@ -21,6 +21,9 @@ tasks:
   demo [--rows N] [--keep] sync a generated documents table into the embedded store with the CLI
   bench pg [--rows N]      time a full and an incremental sync of N rows (default 1,000,000)
                            against `psql \\copy`, with peak memory
+  bench scheduler [--seconds N] [--connectors N]
+                           N connectors (default 10,000) on 1-second intervals for N seconds
+                           (default 60): runs done, CPU, peak memory, lateness of runs
   servers pg|moto          start a PostgreSQL, or moto (a local AWS Secrets Manager), for manual
                            work; Enter or Ctrl-C stops it
 ";

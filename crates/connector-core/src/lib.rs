@@ -11,14 +11,19 @@ pub mod filter;
 pub mod home;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod metrics;
 #[cfg(feature = "oauth")]
 pub mod oauth;
+#[cfg(feature = "scheduler")]
+pub mod scheduler;
 
 pub mod ids;
 pub mod lease;
 pub mod realtime;
 pub mod state;
 pub mod store;
+#[cfg(feature = "webhooks")]
+pub mod webhook;
 
 pub use connector::{
     Batch, Capabilities, Checkpoint, Connector, ConnectorContext, Cursor, Cursors, ReadMode, ReadRequest,
@@ -34,8 +39,8 @@ pub use credentials::{VaultConfig, VaultCredentialProvider};
 pub use document::{Change, Document, ItemFailure};
 
 pub use error::{Error, ErrorKind, Result, RetryClass};
-pub use realtime::{ChangeFeed, ChangeHint, ItemRef};
 pub use ids::{ConnectorId, TenantId};
+pub use realtime::{ChangeFeed, ChangeHint, ItemRef};
 
 /// Re-exports for connector crates, so they share core's versions.
 pub mod reexports {
@@ -57,5 +62,7 @@ pub mod reexports {
     pub use tracing;
 }
 pub use engine::{StatusReport, SyncEngine, SyncOptions, SyncResult, SyncStatus, SyncTimings};
-pub use state::{JsonFileStateStore, StateStore, SyncState};
+#[cfg(feature = "scheduler")]
+pub use scheduler::{SchedulerOptions, SyncSchedule, SyncScheduler};
+pub use state::{JsonFileStateStore, MemoryStateStore, StateStore, SyncState};
 pub use store::{KnowledgeStore, SearchHit, StoredDocument};

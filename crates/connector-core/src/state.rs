@@ -1,5 +1,6 @@
 //! Sync state: [`SyncState`] (per-stream cursors, counters, status, run history) and the
-//! [`StateStore`]s that persist it: versioned JSON files (the default), SQLite and PostgreSQL.
+//! [`StateStore`]s that persist it: versioned JSON files (the default), SQLite, PostgreSQL, and
+//! memory (tests).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -454,6 +455,49 @@ sql_state_store!(
     sqlx::PgPool,
     "PostgreSQL"
 );
+
+/// States in memory: nothing survives the process (tests, benchmarks, dry runs). No
+/// cross-process lock (the engine still refuses two syncs in one process).
+#[derive(Debug, Default)]
+pub struct MemoryStateStore {
+    states: std::sync::Mutex<std::collections::HashMap<(ConnectorId, TenantId), SyncState>>,
+}
+
+impl MemoryStateStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl StateStore for MemoryStateStore {
+    async fn load(&self, connector: &ConnectorId, tenant: &TenantId) -> Result<Option<SyncState>> {
+        let states = self.states.lock().expect("poisoned");
+        Ok(states.get(&(connector.clone(), tenant.clone())).cloned())
+    }
+
+    async fn save(&self, state: &SyncState) -> Result<()> {
+        let key = (state.connector_id.clone(), state.tenant_id.clone());
+        self.states.lock().expect("poisoned").insert(key, state.clone());
+        Ok(())
+    }
+
+    async fn reset(&self, connector: &ConnectorId, tenant: &TenantId) -> Result<bool> {
+        let mut states = self.states.lock().expect("poisoned");
+        Ok(states.remove(&(connector.clone(), tenant.clone())).is_some())
+    }
+
+    async fn list(&self) -> Result<Vec<SyncState>> {
+        let mut out: Vec<SyncState> = self.states.lock().expect("poisoned").values().cloned().collect();
+        out.sort_by(|a, b| (&a.connector_id, &a.tenant_id).cmp(&(&b.connector_id, &b.tenant_id)));
+        Ok(out)
+    }
+
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -40,7 +40,7 @@
 //! ```
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -146,7 +146,10 @@ pub struct RunningSync {
 
 impl fmt::Debug for RunningSync {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RunningSync").field("connector_id", &self.series.0).field("tenant_id", &self.series.1).finish()
+        f.debug_struct("RunningSync")
+            .field("connector_id", &self.series.0)
+            .field("tenant_id", &self.series.1)
+            .finish()
     }
 }
 
@@ -226,7 +229,12 @@ impl Metrics {
     /// Exposes a connector's HTTP request counters (read at each render). Registering
     /// counters again for the same connector replaces the earlier ones.
     #[cfg(feature = "http")]
-    pub fn register_http_counters(&self, connector_id: &ConnectorId, tenant_id: &TenantId, counters: HttpCounters) {
+    pub fn register_http_counters(
+        &self,
+        connector_id: &ConnectorId,
+        tenant_id: &TenantId,
+        counters: HttpCounters,
+    ) {
         let key = series(connector_id, tenant_id);
         let mut r = self.lock();
         r.touch(&key);
@@ -247,7 +255,11 @@ impl Metrics {
 
         let mut syncs = Family::new("connectors_syncs_total", "counter", "Finished syncs by status.");
         for (((c, t), status), v) in &r.syncs {
-            syncs.sample("", &[("connector_id", c.as_str()), ("tenant_id", t.as_str()), ("status", *status)], v);
+            syncs.sample(
+                "",
+                &[("connector_id", c.as_str()), ("tenant_id", t.as_str()), ("status", *status)],
+                v,
+            );
         }
         families.push(syncs);
 
@@ -271,16 +283,27 @@ impl Metrics {
         }
         families.push(running);
 
-        let mut durations =
-            Family::new("connectors_sync_duration_seconds", "histogram", "Wall time of finished syncs in seconds.");
+        let mut durations = Family::new(
+            "connectors_sync_duration_seconds",
+            "histogram",
+            "Wall time of finished syncs in seconds.",
+        );
         for ((c, t), h) in &r.durations {
             let mut cumulative = 0;
             for (i, n) in h.counts.iter().enumerate() {
                 cumulative += n;
                 let le = SYNC_DURATION_BUCKETS.get(i).map_or_else(|| "+Inf".to_owned(), |b| format_float(*b));
-                durations.sample("_bucket", &[("connector_id", c.as_str()), ("tenant_id", t.as_str()), ("le", le.as_str())], cumulative);
+                durations.sample(
+                    "_bucket",
+                    &[("connector_id", c.as_str()), ("tenant_id", t.as_str()), ("le", le.as_str())],
+                    cumulative,
+                );
             }
-            durations.sample("_sum", &[("connector_id", c.as_str()), ("tenant_id", t.as_str())], format_float(h.sum));
+            durations.sample(
+                "_sum",
+                &[("connector_id", c.as_str()), ("tenant_id", t.as_str())],
+                format_float(h.sum),
+            );
             durations.sample("_count", &[("connector_id", c.as_str()), ("tenant_id", t.as_str())], h.count);
         }
         families.push(durations);
@@ -311,14 +334,17 @@ impl Metrics {
 fn http_families(http: &BTreeMap<Series, HttpCounters>) -> Vec<Family> {
     let mut requests =
         Family::new("connectors_api_requests_total", "counter", "API requests sent, retries included.");
-    let mut retries = Family::new("connectors_api_retries_total", "counter", "API requests that were retries.");
-    let mut responses = Family::new("connectors_api_responses_total", "counter", "API responses by status class.");
+    let mut retries =
+        Family::new("connectors_api_retries_total", "counter", "API requests that were retries.");
+    let mut responses =
+        Family::new("connectors_api_responses_total", "counter", "API responses by status class.");
     let mut transport = Family::new(
         "connectors_api_transport_errors_total",
         "counter",
         "API attempts that got no complete response.",
     );
-    let mut bytes = Family::new("connectors_api_received_bytes_total", "counter", "API response body bytes received.");
+    let mut bytes =
+        Family::new("connectors_api_received_bytes_total", "counter", "API response body bytes received.");
     for ((c, t), counters) in http {
         let s = counters.snapshot();
         let labels = [("connector_id", c.as_str()), ("tenant_id", t.as_str())];
@@ -332,7 +358,11 @@ fn http_families(http: &BTreeMap<Series, HttpCounters>) -> Vec<Family> {
             ("5xx", s.status_5xx),
             ("other", s.status_other),
         ] {
-            responses.sample("", &[("connector_id", c.as_str()), ("tenant_id", t.as_str()), ("class", class)], v);
+            responses.sample(
+                "",
+                &[("connector_id", c.as_str()), ("tenant_id", t.as_str()), ("class", class)],
+                v,
+            );
         }
         transport.sample("", &labels, s.transport_errors);
         bytes.sample("", &labels, s.bytes_received);

@@ -92,6 +92,13 @@ impl Indexer {
         }
     }
 
+    /// Whether every commit announced so far is indexed, by a pass that succeeded: then
+    /// [`wait`](Self::wait) has nothing to wait for (a sync that wrote nothing skips it).
+    pub(super) fn caught_up(&self) -> bool {
+        let p = self.shared.progress.lock().expect("poisoned");
+        p.done >= p.requested && p.error.is_none() && !p.stop
+    }
+
     /// Blocks until everything committed before the call is indexed.
     pub(super) fn wait(&self) -> Result<(), String> {
         let mut p = self.shared.progress.lock().expect("poisoned");

@@ -452,8 +452,10 @@ impl KnowledgeStore for SqliteKnowledgeStore {
     }
 
     async fn flush_index(&self) -> Result<()> {
-        if self.inner.indexer.get().is_none() {
-            return Ok(()); // nothing was written by this process
+        match self.inner.indexer.get() {
+            None => return Ok(()), // nothing was written by this process
+            Some(indexer) if indexer.caught_up() => return Ok(()),
+            Some(_) => {}
         }
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || inner.indexer.get().map_or(Ok(()), Indexer::wait))
