@@ -29,6 +29,10 @@ const COPY_QUERY: &str = "SELECT id, title, body, summary, author, tags, created
 const PHASES: &[&str] = &["read_ms", "write_ms", "index_ms", "state_ms"];
 
 pub fn run(mut args: Vec<String>) -> Result<()> {
+    if args.first().map(String::as_str) == Some("webhooks") {
+        args.remove(0);
+        return webhooks(args);
+    }
     if args.first().map(String::as_str) == Some("scheduler") {
         args.remove(0);
         return scheduler(args);
@@ -41,7 +45,7 @@ pub fn run(mut args: Vec<String>) -> Result<()> {
         Some("pg") => {
             args.remove(0);
         }
-        Some(other) => bail!("unknown benchmark `{other}`; available: pg, scheduler"),
+        Some(other) => bail!("unknown benchmark `{other}`; available: pg, scheduler, webhooks"),
         None => bail!("which benchmark? `cargo xtask bench pg [--rows N]` or `cargo xtask bench scheduler`"),
     }
     util::no_more_args("bench pg", &args)?;
@@ -103,6 +107,26 @@ fn scheduler(mut args: Vec<String>) -> Result<()> {
         cargo()
             .args(["run", "--release", "-q", "-p", "connector-core", "--example", "scheduler_bench", "--"])
             .args(["--seconds", &seconds.to_string(), "--connectors", &connectors.to_string()]),
+    )
+}
+
+/// `bench webhooks`: the example serves and loads the webhook endpoint; release build.
+fn webhooks(mut args: Vec<String>) -> Result<()> {
+    let seconds = util::take_option(&mut args, "--seconds")?.map(|s| util::parse_count(&s)).transpose()?;
+    let connections =
+        util::take_option(&mut args, "--connections")?.map(|s| util::parse_count(&s)).transpose()?;
+    util::no_more_args("bench webhooks", &args)?;
+    let (seconds, connections) = (seconds.unwrap_or(10), connections.unwrap_or(32));
+    if seconds == 0 || connections == 0 {
+        bail!("--seconds and --connections must be at least 1");
+    }
+    say(format!(
+        "webhook receiver for {seconds} s over {connections} connections (building the example in release mode)"
+    ));
+    util::run(
+        cargo()
+            .args(["run", "--release", "-q", "-p", "connector-core", "--example", "webhook_bench", "--"])
+            .args(["--seconds", &seconds.to_string(), "--connections", &connections.to_string()]),
     )
 }
 

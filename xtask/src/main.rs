@@ -24,6 +24,9 @@ tasks:
   bench scheduler [--seconds N] [--connectors N]
                            N connectors (default 10,000) on 1-second intervals for N seconds
                            (default 60): runs done, CPU, peak memory, lateness of runs
+  bench webhooks [--seconds N] [--connections N]
+                           signed GitHub deliveries to the webhook server on loopback for N seconds
+                           (default 10, 32 connections): deliveries/s, latency, CPU
   servers pg|moto          start a PostgreSQL, or moto (a local AWS Secrets Manager), for manual
                            work; Enter or Ctrl-C stops it
 ";

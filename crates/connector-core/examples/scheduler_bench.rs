@@ -21,6 +21,9 @@ use connector_core::{
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
+mod common;
+use common::{cpu_time, peak_rss_mib, percentile};
+
 /// A source with nothing new: one empty batch.
 struct Noop {
     id: ConnectorId,
@@ -79,30 +82,6 @@ fn parse_args() -> Result<Args, String> {
         return Err("--connectors, --seconds and --interval-ms must be at least 1".into());
     }
     Ok(args)
-}
-
-/// User plus system CPU time of this process (USER_HZ is 100 on Linux).
-fn cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces) start at field 3.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_millis(ticks * 10))
-}
-
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
-}
-
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i] as f64 / 1000.0
 }
 
 #[derive(Default)]
