@@ -2,15 +2,19 @@
 //! [`parse_error`], the one place where `tokio_postgres` errors become core [`Error`]s.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use connector_core::credentials::require_credential;
 use connector_core::{Error, ErrorKind, ExposeSecret, Result};
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode as DriverSslMode;
 use tokio_postgres::tls::MakeTlsConnect;
-use tokio_postgres::{Config, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Config, Connection, NoTls, Notification, Socket};
 
 use crate::config::SslMode;
 use crate::connector::Shared;
@@ -22,6 +26,11 @@ pub const USER_KEY: &str = "postgres_user";
 pub const PASSWORD_KEY: &str = "postgres_password";
 /// How long establishing a connection (TCP, startup and authentication) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `application_name` of the connections that read tables.
+const APPLICATION_NAME: &str = "enterprise-connectors";
+/// The `application_name` of the LISTEN connection of the change feed.
+pub(crate) const LISTENER_APPLICATION_NAME: &str = "enterprise-connectors-listener";
 
 /// Session settings of every connection: text forms of cursor values are rendered and parsed
 /// under the same zone and date style, and the session never writes.
@@ -250,10 +259,50 @@ fn tls_error(failure: TlsFailure, f: &ErrorFacts, t: &Target) -> Error {
 /// A freshly opened connection whose connection task runs.
 type Opened = (tokio_postgres::Client, JoinHandle<()>, Arc<Mutex<Option<String>>>);
 
+/// Where a listening connection's notifications go. The connection task never waits for the
+/// listener: when the queue is full the notification is dropped and `overflowed` set, so the
+/// listener asks for a catch-up sync instead, and memory stays bounded.
+#[derive(Clone)]
+pub(crate) struct NotificationSink {
+    pub tx: mpsc::Sender<Notification>,
+    pub overflowed: Arc<AtomicBool>,
+}
+
+/// Drives a connection: with a sink, forwarding its notifications (the driver's `Future`
+/// implementation drops them); without, as the driver does.
+async fn drive<S, T>(
+    mut connection: Connection<S, T>,
+    sink: Option<NotificationSink>,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(sink) = sink else { return connection.await };
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(message) = messages.next().await {
+        match message? {
+            AsyncMessage::Notification(n) => match sink.tx.try_send(n) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => sink.overflowed.store(true, Ordering::SeqCst),
+                // The listener is gone: nobody needs the connection any more.
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            },
+            AsyncMessage::Notice(notice) => tracing::info!("{}: {}", notice.severity(), notice.message()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Connects with `tls`; `None` when the server did not complete the startup in time.
 /// `connect_timeout` covers the TCP connect only; a server that accepts and then stalls during
 /// startup (or the TLS handshake) is bounded here.
-async fn open<T>(pg: &Config, tls: T) -> Option<Result<Opened, tokio_postgres::Error>>
+async fn open<T>(
+    pg: &Config,
+    tls: T,
+    sink: Option<NotificationSink>,
+) -> Option<Result<Opened, tokio_postgres::Error>>
 where
     T: MakeTlsConnect<Socket>,
     T::Stream: Send + 'static,
@@ -267,7 +316,7 @@ where
     let connection_error = Arc::new(Mutex::new(None));
     let slot = connection_error.clone();
     let connection = tokio::spawn(async move {
-        if let Err(e) = connection.await {
+        if let Err(e) = drive(connection, sink).await {
             *slot.lock().expect("poisoned") = Some(facts(&e, false).message);
         }
     });
@@ -297,6 +346,20 @@ impl PgClient {
     /// With `sslmode = prefer`, a failed TLS handshake is followed by one plain attempt, as in
     /// libpq (a server that declines TLS is handled by the driver on the same connection).
     pub async fn connect(shared: &Shared) -> Result<PgClient> {
+        Self::connect_with(shared, APPLICATION_NAME, None).await
+    }
+
+    /// Connects like [`connect`](Self::connect), named [`LISTENER_APPLICATION_NAME`], and
+    /// forwards the connection's notifications to `sink`.
+    pub async fn connect_listener(shared: &Shared, sink: NotificationSink) -> Result<PgClient> {
+        Self::connect_with(shared, LISTENER_APPLICATION_NAME, Some(sink)).await
+    }
+
+    async fn connect_with(
+        shared: &Shared,
+        application_name: &str,
+        sink: Option<NotificationSink>,
+    ) -> Result<PgClient> {
         let (config, tls, credentials) = (&shared.config, &shared.tls, shared.credentials.as_ref());
         let user = require_credential(credentials, USER_KEY).await?;
         let password = credentials.get_credential(PASSWORD_KEY).await?;
@@ -315,7 +378,7 @@ impl PgClient {
             .port(config.port)
             .dbname(&config.database)
             .user(user.expose_secret())
-            .application_name("enterprise-connectors")
+            .application_name(application_name)
             .connect_timeout(CONNECT_TIMEOUT)
             .keepalives(true)
             .ssl_mode(tls.driver_mode);
@@ -323,8 +386,8 @@ impl PgClient {
             pg.password(password.expose_secret().as_bytes());
         }
         let mut opened = match &tls.connector {
-            Some(connector) => open(&pg, connector.clone()).await,
-            None => open(&pg, NoTls).await,
+            Some(connector) => open(&pg, connector.clone(), sink.clone()).await,
+            None => open(&pg, NoTls, sink.clone()).await,
         };
         if tls.driver_mode == DriverSslMode::Prefer
             && let Some(Err(e)) = &opened
@@ -337,7 +400,7 @@ impl PgClient {
                 failed.message
             );
             pg.ssl_mode(DriverSslMode::Disable);
-            opened = open(&pg, NoTls).await;
+            opened = open(&pg, NoTls, sink).await;
         }
         drop(pg);
         let (client, connection, connection_error) = match opened {
@@ -361,6 +424,21 @@ impl PgClient {
     /// The driver client.
     pub fn inner(&self) -> &tokio_postgres::Client {
         &self.client
+    }
+
+    /// Why the connection ended, once it has: the cause the connection task saw, or None
+    /// while it is open.
+    pub fn closed_because(&self) -> Option<String> {
+        if !self.client.is_closed() && !self.connection.is_finished() {
+            return None;
+        }
+        Some(
+            self.connection_error
+                .lock()
+                .expect("poisoned")
+                .clone()
+                .unwrap_or_else(|| "the server closed the connection".into()),
+        )
     }
 
     /// Maps a query error; a lost connection names the cause the connection task saw.

@@ -129,8 +129,9 @@ pub struct PostgresConfig {
     /// primary key, the timestamp column and `bytea` columns.
     #[serde(default)]
     pub content_columns: Vec<String>,
-    /// Channel for real-time updates via LISTEN/NOTIFY. Validated now; the listener is not
-    /// implemented yet, so changes are picked up by scheduled syncs.
+    /// Channel for real-time updates via LISTEN/NOTIFY (exact name, case-sensitive, as given to
+    /// `pg_notify`). When set, the connector's change feed listens on it and turns the trigger's
+    /// notifications into immediate fetches of the changed rows; see the crate docs.
     #[serde(default)]
     pub notify_channel: Option<String>,
     /// The most connections a sync opens at once; tables are read concurrently, one connection

@@ -6,13 +6,14 @@ use async_trait::async_trait;
 use connector_core::credentials::CredentialProvider;
 use connector_core::reexports::tokio_util::sync::CancellationToken;
 use connector_core::{
-    Batch, Capabilities, Connector, ConnectorContext, ConnectorId, Error, ReadMode, ReadRequest, Result,
-    TenantId,
+    Batch, Capabilities, ChangeFeed, Connector, ConnectorContext, ConnectorId, Error, ItemRef, ReadMode,
+    ReadRequest, Result, TenantId,
 };
 use futures::stream::BoxStream;
 
 use crate::client::PgClient;
 use crate::config::PostgresConfig;
+use crate::listener::PgChangeFeed;
 use crate::reader::{Limits, read_tables};
 use crate::sql::{TablePlan, qualified};
 use crate::tls::Tls;
@@ -53,13 +54,6 @@ impl PostgresConnector {
     pub fn new(config: PostgresConfig, ctx: &ConnectorContext) -> Result<Self> {
         config.validate()?;
         let tls = Tls::new(&config)?;
-        if let Some(channel) = &config.notify_channel {
-            tracing::info!(
-                channel = %channel,
-                "postgres notify_channel is accepted but LISTEN/NOTIFY is not implemented yet; \
-                 changes are picked up by scheduled syncs"
-            );
-        }
         Ok(Self {
             id: config.connector_id(),
             shared: Arc::new(Shared {
@@ -152,7 +146,12 @@ impl Connector for PostgresConnector {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { incremental: true, incremental_deletes: false, realtime: false, total_estimate: true }
+        Capabilities {
+            incremental: true,
+            incremental_deletes: false,
+            realtime: self.shared.config.notify_channel.is_some(),
+            total_estimate: true,
+        }
     }
 
     /// Connects, then checks for every table that it exists, that the user may read it, that
@@ -216,5 +215,19 @@ impl Connector for PostgresConnector {
             },
         };
         read_tables(self.shared.clone(), tables, limits)
+    }
+
+    /// Reads the rows `items` name (`stream` = `{schema}.{table}`, `key` = the primary key as
+    /// text) with one query per table and 1,000 keys: an upsert per row found, decoded exactly
+    /// as a sync decodes it, and a delete per key without a row. Items of other streams are
+    /// ignored.
+    async fn fetch(&self, items: &[ItemRef]) -> Result<Option<Batch>> {
+        crate::fetch::fetch_items(&self.shared, items).await.map(Some)
+    }
+
+    /// With `notify_channel` set: a feed that LISTENs on it (see the crate docs).
+    fn change_feed(&self) -> Option<Box<dyn ChangeFeed>> {
+        let channel = self.shared.config.notify_channel.clone()?;
+        Some(Box::new(PgChangeFeed::new(self.shared.clone(), channel)))
     }
 }

@@ -6,6 +6,8 @@ mod client;
 pub mod config;
 mod connector;
 mod decode;
+mod fetch;
+mod listener;
 mod reader;
 mod sql;
 mod tls;

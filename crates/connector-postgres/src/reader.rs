@@ -147,7 +147,7 @@ async fn read_table(
 
 /// The result columns must be what the plan decodes; a mismatch (a type changed between the
 /// catalog lookup and the query) would otherwise misread bytes.
-fn check_result_types(plan: &TablePlan, columns: &[tokio_postgres::Column]) -> Result<()> {
+pub(crate) fn check_result_types(plan: &TablePlan, columns: &[tokio_postgres::Column]) -> Result<()> {
     if columns.len() != plan.output_len() {
         return Err(Error::source_error(format!(
             "table {}: query returned {} columns, expected {}; did the table change during the sync?",

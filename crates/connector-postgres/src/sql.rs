@@ -284,6 +284,32 @@ impl TablePlan {
         sql.push_str(&order);
         (sql, params)
     }
+
+    /// The query that reads the rows whose keys are in `$1` (a text array of key texts), with
+    /// the select list of [`query`](Self::query), so a fetched row decodes exactly like a read
+    /// one. The keys are cast on the server, like cursor values.
+    pub fn fetch_query(&self) -> String {
+        format!(
+            "SELECT {} FROM {} AS t WHERE {} = ANY($1::text[]::{}[])",
+            self.select_list, self.from, self.pk_sql, self.pk_type
+        )
+    }
+
+    /// The query that turns key texts (`$1`, a text array) into the key column's values, one
+    /// row each, selected so that [`cursor_text`](crate::decode::cursor_text) at the returned
+    /// source gives the same text as it gives for a row with that key (the key part of the
+    /// document id). A text that is no valid key fails the query (SQLSTATE class 22).
+    pub fn key_text_query(&self) -> (String, TextSource) {
+        let cast = format!("k.key::{}", self.pk_type);
+        let (expr, source) = match self.pk_text {
+            TextSource::Column(_) if self.columns[self.pk_idx].kind == ColKind::AsText => {
+                (format!("{cast}::text"), TextSource::Column(0))
+            }
+            TextSource::Column(_) => (cast, TextSource::Column(0)),
+            TextSource::Extra(_) => (format!("{cast}::text"), TextSource::Extra(0)),
+        };
+        (format!("SELECT {expr} FROM unnest($1::text[]) AS k(key)"), source)
+    }
 }
 
 /// One query of a table read; see [`TablePlan::phases`].
@@ -442,6 +468,45 @@ mod tests {
              ORDER BY t.\"updated_at\", t.\"id\""
         ));
         assert_eq!(params, ["2024-01-01 00:00:00+00", "7"]);
+    }
+
+    #[test]
+    fn fetch_queries_select_like_reads_and_cast_keys() {
+        let plan = TablePlan::new(&config(&["docs"]), "docs", &docs_columns()).unwrap();
+        assert_eq!(
+            plan.fetch_query(),
+            "SELECT \"id\", \"title\", \"body\", \"price\"::text, \"blob\", \"updated_at\", \"updated_at\"::text \
+             FROM \"public\".\"docs\" AS t WHERE t.\"id\" = ANY($1::text[]::bigint[])"
+        );
+        assert_eq!(
+            plan.key_text_query(),
+            ("SELECT k.key::bigint FROM unnest($1::text[]) AS k(key)".to_string(), TextSource::Column(0))
+        );
+
+        let mut cols = docs_columns();
+        cols[0] = col("id", "numeric", 1700, true);
+        let plan = TablePlan::new(&config(&["docs"]), "docs", &cols).unwrap();
+        assert_eq!(
+            plan.key_text_query(),
+            (
+                "SELECT k.key::numeric::text FROM unnest($1::text[]) AS k(key)".to_string(),
+                TextSource::Column(0)
+            )
+        );
+        let mut cfg = config(&["docs"]);
+        (cfg.timestamp_column, cfg.primary_key_column) = ("id".into(), "updated_at".into());
+        let plan = TablePlan::new(&cfg, "docs", &docs_columns()).unwrap();
+        assert!(
+            plan.fetch_query()
+                .ends_with("WHERE t.\"updated_at\" = ANY($1::text[]::timestamp with time zone[])")
+        );
+        assert_eq!(
+            plan.key_text_query(),
+            (
+                "SELECT k.key::timestamp with time zone::text FROM unnest($1::text[]) AS k(key)".to_string(),
+                TextSource::Extra(0)
+            )
+        );
     }
 
     #[test]

@@ -4,15 +4,21 @@
 mod common;
 mod tls;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
+use connector_core::reexports::tokio_util::sync::CancellationToken;
+use connector_core::store::SqliteKnowledgeStore;
 use connector_core::{
-    Batch, Change, Connector, Cursors, Document, ErrorKind, ReadMode, ReadRequest, StaticCredentialProvider,
+    Batch, Change, ChangeHint, Connector, Cursors, Document, ErrorKind, ItemRef, KnowledgeStore,
+    MemoryStateStore, ReadMode, ReadRequest, StateStore, StaticCredentialProvider, StoredDocument,
+    SyncEngine, SyncOptions,
 };
 use connector_postgres::{PostgresConfig, PostgresConnector};
 use futures::StreamExt;
 use serde_json::json;
+use tokio::sync::mpsc;
 
 fn request(mode: ReadMode, cursors: Cursors, batch_size: usize) -> ReadRequest {
     ReadRequest { mode, cursors, batch_size, batch_bytes: 64 << 20 }
@@ -516,4 +522,399 @@ async fn estimates_count_rows_for_progress() {
     assert_eq!(c.estimate_total(&request(ReadMode::Incremental, cursors, 10)).await.unwrap(), None);
     let c = PostgresConnector::new(server.config("estimate", &["small"]), &common::ctx()).unwrap();
     assert_eq!(c.estimate_total(&request(ReadMode::Full, Cursors::new(), 10)).await.unwrap(), Some(123));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real time: LISTEN/NOTIFY and fetching single rows.
+
+/// The notification function and trigger of the setup guide ("LISTEN/NOTIFY Setup"), verbatim.
+const GUIDE_TRIGGER: &str = r#"
+CREATE OR REPLACE FUNCTION notify_document_changes()
+RETURNS TRIGGER AS $$
+BEGIN
+  PERFORM pg_notify(
+    'document_changes',
+    json_build_object(
+      'table', TG_TABLE_NAME,
+      'operation', TG_OP,
+      'id', COALESCE(NEW.id, OLD.id)
+    )::text
+  );
+  RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+
+CREATE TRIGGER documents_notify_trigger
+AFTER INSERT OR UPDATE OR DELETE ON documents
+FOR EACH ROW EXECUTE FUNCTION notify_document_changes();
+"#;
+
+/// The `application_name` of the feed's connection.
+const LISTENER: &str = "enterprise-connectors-listener";
+const HINT_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn item(stream: &str, key: &str) -> ItemRef {
+    ItemRef::new(stream, key)
+}
+
+/// A running change feed.
+struct Feed {
+    hints: mpsc::Receiver<ChangeHint>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<connector_core::Result<()>>,
+}
+
+impl Feed {
+    fn start(c: &PostgresConnector) -> Feed {
+        let feed = c.change_feed().expect("notify_channel is set");
+        let (tx, hints) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(feed.run(tx, stop.clone()));
+        Feed { hints, stop, task }
+    }
+
+    async fn next(&mut self) -> ChangeHint {
+        tokio::time::timeout(HINT_TIMEOUT, self.hints.recv())
+            .await
+            .expect("a hint in time")
+            .expect("the feed is running")
+    }
+
+    /// Takes `Items` hints until each of `expected` arrived; any other hint or item fails.
+    async fn expect_items(&mut self, expected: &[ItemRef]) {
+        let expected: BTreeSet<&ItemRef> = expected.iter().collect();
+        let mut missing = expected.clone();
+        while !missing.is_empty() {
+            match self.next().await {
+                ChangeHint::Items(items) => {
+                    for i in &items {
+                        assert!(
+                            expected.contains(i),
+                            "unexpected {i:?} in {items:?}, waiting for {missing:?}"
+                        );
+                        missing.remove(i);
+                    }
+                }
+                ChangeHint::CatchUp => panic!("catch-up while waiting for {missing:?}"),
+            }
+        }
+    }
+
+    async fn expect_catch_up(&mut self) {
+        match self.next().await {
+            ChangeHint::CatchUp => {}
+            other => panic!("expected a catch-up, got {other:?}"),
+        }
+    }
+
+    /// Cancels the feed: it ends at once, without an error.
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("the feed stops promptly")
+            .unwrap()
+            .expect("a stopped feed ends without an error");
+    }
+}
+
+/// Waits until the feed's connection to `db` has run its LISTEN; returns its backend's pid.
+async fn wait_listening(admin: &tokio_postgres::Client, db: &str) -> i32 {
+    for _ in 0..200 {
+        let row = admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2 \
+                 AND query LIKE 'LISTEN%' AND state = 'idle'",
+                &[&db, &LISTENER],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            return row.get(0);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the feed never listened on {db}");
+}
+
+async fn listeners(admin: &tokio_postgres::Client, db: &str) -> i64 {
+    let row = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
+            &[&db, &LISTENER],
+        )
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+#[tokio::test]
+async fn notify_feed_hints_inserts_updates_and_deletes() {
+    let server = common::server().await;
+    let admin = server
+        .database(
+            "notify",
+            &format!(
+                "CREATE TABLE documents (id bigint PRIMARY KEY, body text, updated_at timestamptz NOT NULL DEFAULT now());
+                 CREATE TABLE other (id int PRIMARY KEY, updated_at timestamptz NOT NULL DEFAULT now());
+                 INSERT INTO documents (id, body) VALUES (1, 'one'), (2, 'two');
+                 {GUIDE_TRIGGER}
+                 CREATE TRIGGER other_notify_trigger AFTER INSERT OR UPDATE OR DELETE ON other
+                 FOR EACH ROW EXECUTE FUNCTION notify_document_changes();"
+            ),
+        )
+        .await;
+    let plain = PostgresConnector::new(server.config("notify", &["documents"]), &common::ctx()).unwrap();
+    assert!(!plain.capabilities().realtime);
+    assert!(plain.change_feed().is_none());
+    let cfg = PostgresConfig {
+        notify_channel: Some("document_changes".into()),
+        ..server.config("notify", &["documents"])
+    };
+    let c = PostgresConnector::new(cfg, &common::ctx()).unwrap();
+    assert!(c.capabilities().realtime);
+    let mut feed = Feed::start(&c);
+    wait_listening(&admin, "pgconn_notify").await;
+    let doc = |key: &str| item("public.documents", key);
+
+    admin.batch_execute("INSERT INTO documents (id, body) VALUES (3, 'three')").await.unwrap();
+    feed.expect_items(&[doc("3")]).await;
+    admin.batch_execute("UPDATE documents SET body = 'uno', updated_at = now() WHERE id = 1").await.unwrap();
+    feed.expect_items(&[doc("1")]).await;
+    admin.batch_execute("DELETE FROM documents WHERE id = 2").await.unwrap();
+    feed.expect_items(&[doc("2")]).await;
+
+    // One statement, many rows: every row is named (in as few hints as arrive together).
+    admin
+        .batch_execute(
+            "INSERT INTO documents (id, body) SELECT g, 'bulk' FROM generate_series(100, 149) g;
+             UPDATE documents SET body = 'both', updated_at = now() WHERE id IN (1, 3);",
+        )
+        .await
+        .unwrap();
+    let mut bulk: Vec<ItemRef> = (100..150).map(|k| doc(&k.to_string())).collect();
+    bulk.extend([doc("1"), doc("3")]);
+    feed.expect_items(&bulk).await;
+
+    // Tables that are not configured are ignored: the next hint names only the document.
+    admin.batch_execute("INSERT INTO other (id) VALUES (1)").await.unwrap();
+    admin.batch_execute("INSERT INTO documents (id, body) VALUES (4, 'four')").await.unwrap();
+    assert_eq!(feed.next().await, ChangeHint::Items(vec![doc("4")]));
+
+    // The schema-qualified payload of the docs' variant, with a string id.
+    admin
+        .batch_execute(
+            r#"SELECT pg_notify('document_changes', '{"schema": "public", "table": "documents", "operation": "UPDATE", "id": "5"}');
+               SELECT pg_notify('document_changes', '{"schema": "elsewhere", "table": "documents", "operation": "UPDATE", "id": 6}');
+               SELECT pg_notify('document_changes', '{"table": "documents", "operation": "INSERT", "id": 7}');"#,
+        )
+        .await
+        .unwrap();
+    feed.expect_items(&[doc("5"), doc("7")]).await;
+
+    // Not the guide's payload: a catch-up sync instead.
+    admin.batch_execute("NOTIFY document_changes, 'not json'").await.unwrap();
+    feed.expect_catch_up().await;
+    admin.batch_execute(&format!("NOTIFY document_changes, '{}'", "x".repeat(7000))).await.unwrap();
+    feed.expect_catch_up().await;
+    admin.batch_execute("DELETE FROM documents WHERE id = 4").await.unwrap();
+    feed.expect_items(&[doc("4")]).await;
+
+    feed.stop().await;
+    for _ in 0..50 {
+        if listeners(&admin, "pgconn_notify").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listeners(&admin, "pgconn_notify").await, 0, "a stopped feed closes its connection");
+}
+
+#[tokio::test]
+async fn notify_feed_reconnects_and_asks_for_a_catch_up() {
+    let server = common::server().await;
+    // A channel name that needs quoting (and would break unquoted SQL).
+    let channel = "Odd \"chan\"; 1";
+    let admin = server
+        .database(
+            "notify_reconnect",
+            &GUIDE_TRIGGER.replace("'document_changes'", "'Odd \"chan\"; 1'").replace(
+                "CREATE TRIGGER",
+                "CREATE TABLE documents (id text PRIMARY KEY, updated_at timestamptz NOT NULL DEFAULT now());
+                 CREATE TRIGGER",
+            ),
+        )
+        .await;
+    let cfg = PostgresConfig {
+        notify_channel: Some(channel.into()),
+        ..server.config("notify_reconnect", &["documents"])
+    };
+    let c = PostgresConnector::new(cfg.clone(), &common::ctx()).unwrap();
+    let mut feed = Feed::start(&c);
+    let first_pid = wait_listening(&admin, "pgconn_notify_reconnect").await;
+    let doc = |key: &str| item("public.documents", key);
+
+    admin.batch_execute("INSERT INTO documents (id) VALUES ('a b''c')").await.unwrap();
+    feed.expect_items(&[doc("a b'c")]).await;
+    admin.batch_execute(r#"NOTIFY "Odd ""chan""; 1", 'not json'"#).await.unwrap();
+    feed.expect_catch_up().await;
+
+    // The feed's backend is killed: it reconnects, listens again and asks for a catch-up.
+    for _ in 0..2 {
+        let killed = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = 'pgconn_notify_reconnect' AND query LIKE 'LISTEN%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(killed.len(), 1);
+        feed.expect_catch_up().await;
+        let pid = wait_listening(&admin, "pgconn_notify_reconnect").await;
+        assert_ne!(pid, first_pid, "a new connection");
+        admin.batch_execute("UPDATE documents SET updated_at = now()").await.unwrap();
+        feed.expect_items(&[doc("a b'c")]).await;
+    }
+    feed.stop().await;
+
+    // A feed whose hints nobody receives any more ends by itself.
+    let Feed { hints, stop: _stop, task } = Feed::start(&c);
+    wait_listening(&admin, "pgconn_notify_reconnect").await;
+    drop(hints);
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the feed ends when its receiver is gone")
+        .unwrap()
+        .unwrap();
+
+    // Credentials that are refused are not retried: the feed ends with the error.
+    let provider = StaticCredentialProvider::new()
+        .with("postgres_user", "postgres")
+        .with("postgres_password", "not-the-password");
+    let c = PostgresConnector::new(cfg, &common::ctx_with(provider)).unwrap();
+    let (tx, _rx) = mpsc::channel(1);
+    let err = tokio::time::timeout(HINT_TIMEOUT, c.change_feed().unwrap().run(tx, CancellationToken::new()))
+        .await
+        .expect("a refused login ends the feed")
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    assert!(err.to_string().contains("change feed on channel"), "{err}");
+}
+
+/// The store's documents by id.
+async fn stored(store: &SqliteKnowledgeStore) -> HashMap<String, StoredDocument> {
+    let tenant = connector_core::TenantId::new("t1").unwrap();
+    store.export(&tenant, None).map(|d| d.unwrap()).map(|d| (d.document.id.clone(), d)).collect().await
+}
+
+#[tokio::test]
+async fn fetch_reads_named_rows_like_a_sync() {
+    let server = common::server().await;
+    let admin = server
+        .database(
+            "fetch",
+            r#"
+        CREATE TABLE documents (
+            id bigint PRIMARY KEY, title text, body text, tags text[], price numeric(10, 2),
+            data jsonb, created_at timestamptz, updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        INSERT INTO documents (id, title, body, tags, price, data, created_at)
+        SELECT g, 'Doc ' || g, 'body of ' || g, ARRAY['t' || g, NULL], g * 1.5, jsonb_build_object('n', g),
+               '2024-01-01'::timestamptz + g * interval '1 minute'
+        FROM generate_series(1, 2500) g;
+        CREATE TABLE notes (id uuid PRIMARY KEY, body text, updated_at timestamptz);
+        INSERT INTO notes VALUES ('550e8400-e29b-41d4-a716-446655440000', 'a note', NULL);
+        "#,
+        )
+        .await;
+    let c = Arc::new(
+        PostgresConnector::new(server.config("fetch", &["documents", "notes"]), &common::ctx()).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteKnowledgeStore::open(dir.path().join("k.db")).await.unwrap());
+    let state = Arc::new(MemoryStateStore::new());
+    let engine = SyncEngine::new(c.clone(), store.clone(), state.clone());
+    let options = || SyncOptions { retry_delay: Duration::from_millis(10), ..Default::default() };
+
+    // Before a first sync, hints are no use: the caller runs a sync.
+    assert!(engine.sync_items(&[item("public.documents", "1")]).await.is_none());
+    let result = engine.sync(options()).await;
+    assert!(result.success, "{:?}", result.errors);
+    assert_eq!(result.items_synced, 2501);
+    let synced = stored(&store).await;
+
+    // Every key (chunks of 1,000), keys without rows, other spellings of keys, keys that no
+    // row can have (not a number, out of bigint's range, not a uuid: left out), and streams
+    // that are not configured.
+    let mut items: Vec<ItemRef> = (1..=2600).map(|k| item("public.documents", &k.to_string())).collect();
+    items.extend([
+        item("public.documents", "0005"),
+        item("public.documents", " 6"),
+        item("public.documents", "abc"),
+        item("public.documents", "99999999999999999999999"),
+        item("public.notes", "550E8400-E29B-41D4-A716-446655440000"),
+        item("public.notes", "00000000-0000-0000-0000-000000000000"),
+        item("public.notes", "not-a-uuid"),
+        item("public.other", "1"),
+        item("elsewhere.documents", "1"),
+    ]);
+    let batch = c.fetch(&items).await.unwrap().expect("postgres fetches items");
+    assert!(batch.failures.is_empty(), "{:?}", batch.failures);
+    assert!(batch.checkpoint.is_none(), "fetching never moves cursors");
+    let mut upserts = 0;
+    let mut deletes = BTreeSet::new();
+    let mut ids = HashSet::new();
+    for change in &batch.changes {
+        assert!(ids.insert(change.id().to_string()), "{} twice", change.id());
+        match change {
+            Change::Upsert(d) => {
+                upserts += 1;
+                let s = &synced[&d.id];
+                assert_eq!(d, &s.document, "fetched and synced documents are the same");
+                assert_eq!(d.content_hash(), s.content_hash, "{}", d.id);
+            }
+            Change::Delete { id } => {
+                deletes.insert(id.clone());
+            }
+        }
+    }
+    assert_eq!(upserts, 2501);
+    let mut expected: BTreeSet<String> = (2501..=2600).map(|k| format!("documents:{k}")).collect();
+    expected.insert("notes:00000000-0000-0000-0000-000000000000".into());
+    assert_eq!(deletes, expected);
+    assert!(ids.contains("notes:550e8400-e29b-41d4-a716-446655440000"));
+    assert!(c.fetch(&[item("public.other", "1")]).await.unwrap().unwrap().changes.is_empty());
+
+    // End to end: hints write inserts, updates and deletes, and leave the cursors alone.
+    let cid = c.connector_id().clone();
+    let tenant = c.tenant_id().clone();
+    let cursors = state.load(&cid, &tenant).await.unwrap().unwrap().cursors;
+    admin
+        .batch_execute(
+            "UPDATE documents SET body = 'changed by a hint', updated_at = now() WHERE id = 1;
+             DELETE FROM documents WHERE id = 2;
+             INSERT INTO documents (id, title, body) VALUES (3000, 'New', 'inserted row');",
+        )
+        .await
+        .unwrap();
+    let hinted =
+        [item("public.documents", "1"), item("public.documents", "2"), item("public.documents", "3000")];
+    let result = engine.sync_items(&hinted).await.expect("a synced connector takes hints");
+    assert!(result.success, "{:?}", result.errors);
+    assert_eq!((result.items_synced, result.items_deleted), (2, 1));
+    let now = stored(&store).await;
+    assert_eq!(now.len(), 2501);
+    assert!(now["documents:1"].document.content.contains("changed by a hint"));
+    assert!(!now.contains_key("documents:2"));
+    assert_eq!(now["documents:3000"].document.title, "New");
+    let hits = store.search(&tenant, "hint", 5).await.unwrap();
+    assert_eq!(hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["documents:1"]);
+    let after = state.load(&cid, &tenant).await.unwrap().unwrap();
+    assert_eq!(after.cursors, cursors, "hints never move cursors");
+
+    // The next incremental sync reads both rows again and finds them written already.
+    let result = engine.sync(options()).await;
+    assert!(result.success, "{:?}", result.errors);
+    assert_eq!((result.items_synced, result.items_unchanged), (0, 2));
 }
