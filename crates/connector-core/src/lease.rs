@@ -318,7 +318,7 @@ impl LeaseManager {
     /// One cycle: heartbeat, renew, then take or give back leases toward the fair share.
     /// `busy` tells which connectors are running (never given back mid-run). Returns the
     /// leases held afterwards.
-    pub async fn cycle(&self, busy: &dyn Fn(&LeaseKey) -> bool) -> Result<BTreeSet<LeaseKey>> {
+    pub async fn cycle(&self, busy: &(dyn Fn(&LeaseKey) -> bool + Sync)) -> Result<BTreeSet<LeaseKey>> {
         let live = self.store.heartbeat(&self.holder, self.ttl).await?;
         let mut held: BTreeSet<LeaseKey> = self.store.renew(&self.holder, self.ttl).await?;
         held.retain(|k| self.keys.contains(k));
@@ -339,7 +339,13 @@ impl LeaseManager {
         } else if held.len() > share {
             let extra: Vec<LeaseKey> =
                 held.iter().filter(|k| !busy(k)).take(held.len() - share).cloned().collect();
+            // Stop holding them here first (`holds` turns false, so no new run starts), then
+            // give back those still idle: a run that started in between keeps its lease.
+            self.held.lock().expect("poisoned").retain(|k| !extra.contains(k));
             for key in extra {
+                if busy(&key) {
+                    continue;
+                }
                 self.store.release(&key, &self.holder).await?;
                 held.remove(&key);
             }

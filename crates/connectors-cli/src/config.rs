@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use connector_core::scheduler::SyncSchedule;
 use connector_core::state::{JsonFileStateStore, StateStore};
 use connector_core::store::KnowledgeStore;
 use connector_core::{
@@ -112,26 +113,32 @@ pub struct Credentials {
     pub before_writer: Vec<Arc<dyn CredentialProvider>>,
 }
 
+/// `[server]`: what `connectors run` serves and how its processes share connectors.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // read by `connectors run`; validated at load
 pub struct ServerSection {
-    /// Address of the webhook / health / metrics server.
+    /// Address of the webhook / health / metrics server. Default [`DEFAULT_LISTEN`].
     pub listen: Option<String>,
+    /// Seconds a connector lease lives unless renewed (PostgreSQL state only). Default
+    /// [`DEFAULT_LEASE_TTL`].
+    pub lease_ttl_seconds: Option<u64>,
 }
 
-/// A connector's `[connectors.schedule]` table; checked now, used by `connectors run`.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub struct ScheduleSection {
-    pub interval_seconds: Option<u64>,
-    pub interval_minutes: Option<u64>,
-    pub interval_hours: Option<u64>,
-    pub cron: Option<String>,
-    pub start_time: Option<String>,
-    pub end_time: Option<String>,
-    pub timezone: Option<String>,
+/// Where `connectors run` listens when `[server] listen` is not set.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The lease TTL when `[server] lease_ttl_seconds` is not set.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+
+impl ServerSection {
+    /// The listen address (validated at load).
+    pub fn listen_addr(&self) -> std::net::SocketAddr {
+        self.listen.as_deref().unwrap_or(DEFAULT_LISTEN).parse().expect("validated at load")
+    }
+
+    /// The lease TTL.
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl_seconds.map_or(DEFAULT_LEASE_TTL, Duration::from_secs)
+    }
 }
 
 /// A loaded configuration with its connectors built.
@@ -140,6 +147,9 @@ pub struct Loaded {
     pub file: FileConfig,
     pub credentials: Credentials,
     pub connectors: Vec<Arc<dyn Connector>>,
+    /// Each connector's `[connectors.schedule]` (core's [`SyncSchedule`], validated), by the
+    /// index of `connectors`; `None`: run only by triggers.
+    pub schedules: Vec<Option<SyncSchedule>>,
 }
 
 /// Which file to read: `--config`, else `$ARAGORA_CONFIG`, else `./connectors.toml`.
@@ -182,9 +192,16 @@ pub fn load(path: &Path) -> Result<Loaded, CliError> {
             ))
         })?;
     }
+    if file.server.lease_ttl_seconds == Some(0) {
+        return Err(CliError::usage(format!(
+            "{shown}: server.lease_ttl_seconds: must be at least 1 (default {})",
+            DEFAULT_LEASE_TTL.as_secs()
+        )));
+    }
     let credentials = credentials(path, &file.credentials)?;
     let ctx = ConnectorContext::new(credentials.provider.clone());
     let mut connectors: Vec<Arc<dyn Connector>> = Vec::new();
+    let mut schedules = Vec::new();
     let mut seen = BTreeSet::new();
     for (index, table) in file.connectors.iter().enumerate() {
         let what = describe_table(index, table);
@@ -203,10 +220,12 @@ pub fn load(path: &Path) -> Result<Loaded, CliError> {
                 )));
             }
         };
-        if let Some(schedule) = table.remove("schedule") {
-            ScheduleSection::deserialize(schedule)
-                .map_err(|e| CliError::usage(format!("{shown}: {what}: schedule: {}", e.message().trim())))?;
-        }
+        let schedule = match table.remove("schedule") {
+            Some(schedule) => Some(SyncSchedule::deserialize(schedule).map_err(|e| {
+                CliError::usage(format!("{shown}: {what}: schedule: {}", e.message().trim()))
+            })?),
+            None => None,
+        };
         let connector = enterprise_connectors::registry::build(&kind, table, &ctx)
             .map_err(|e| CliError::usage(format!("{shown}: {what}: {e}")))?;
         let key = (connector.connector_id().clone(), connector.tenant_id().clone());
@@ -218,15 +237,16 @@ pub fn load(path: &Path) -> Result<Loaded, CliError> {
             )));
         }
         connectors.push(connector);
+        schedules.push(schedule);
     }
-    Ok(Loaded { path: path.to_path_buf(), file, credentials, connectors })
+    Ok(Loaded { path: path.to_path_buf(), file, credentials, connectors, schedules })
 }
 
 /// The defaults, as when the file is empty (for commands that run without a file).
 pub fn defaults(path: &Path) -> Result<Loaded, CliError> {
     let file = FileConfig::default();
     let credentials = credentials(path, &file.credentials)?;
-    Ok(Loaded { path: path.to_path_buf(), file, credentials, connectors: vec![] })
+    Ok(Loaded { path: path.to_path_buf(), file, credentials, connectors: vec![], schedules: vec![] })
 }
 
 /// A TOML error without the source line it points at (which may hold a secret: a Vault token,
@@ -428,14 +448,20 @@ impl Loaded {
 
     /// The state store the file names (default: JSON files in `$ARAGORA_HOME/sync_state`).
     pub async fn state(&self) -> Result<Arc<dyn StateStore>, CliError> {
+        Ok(self.state_and_pool().await?.0)
+    }
+
+    /// The state store, and its PostgreSQL pool when it is in PostgreSQL (`connectors run`
+    /// keeps its connector leases there).
+    pub async fn state_and_pool(&self) -> Result<(Arc<dyn StateStore>, Option<PgPool>), CliError> {
         let s = &self.file.state;
         match (&s.dir, &s.url) {
             (Some(_), Some(_)) => Err(CliError::usage(format!(
                 "{}: state: set either `dir` or `url`, not both",
                 self.path.display()
             ))),
-            (Some(dir), None) => Ok(Arc::new(JsonFileStateStore::new(dir))),
-            (None, None) => Ok(Arc::new(JsonFileStateStore::default_location())),
+            (Some(dir), None) => Ok((Arc::new(JsonFileStateStore::new(dir)), None)),
+            (None, None) => Ok((Arc::new(JsonFileStateStore::default_location()), None)),
             (None, Some(url)) => {
                 open_state_db(url).await.map_err(|e| CliError::failed(format!("state: {e}")))
             }
@@ -443,18 +469,22 @@ impl Loaded {
     }
 }
 
-async fn open_state_db(url: &str) -> connector_core::Result<Arc<dyn StateStore>> {
+type PgPool = connector_core::reexports::sqlx::PgPool;
+
+async fn open_state_db(url: &str) -> connector_core::Result<(Arc<dyn StateStore>, Option<PgPool>)> {
     use connector_core::Error;
     let location = connector_core::store::redact_url(url);
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let pool = sqlx_pg_pool(url)
             .await
             .map_err(|e| Error::state(format!("connecting to {location}")).with_source(e))?;
-        return Ok(Arc::new(connector_core::state::PgStateStore::new(pool, location).await?));
+        let store = connector_core::state::PgStateStore::new(pool.clone(), location).await?;
+        return Ok((Arc::new(store), Some(pool)));
     }
     let path = url.strip_prefix("sqlite://").unwrap_or(url);
     let store = connector_core::store::SqliteKnowledgeStore::open(path).await?;
-    Ok(Arc::new(connector_core::state::SqliteStateStore::new(store.pool().clone(), path.to_owned()).await?))
+    let state = connector_core::state::SqliteStateStore::new(store.pool().clone(), path.to_owned()).await?;
+    Ok((Arc::new(state), None))
 }
 
 async fn sqlx_pg_pool(

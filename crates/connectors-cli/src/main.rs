@@ -5,6 +5,7 @@
 mod auth;
 mod commands;
 mod config;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,14 +74,28 @@ enum Command {
     Check(commands::CheckArgs),
     /// Authorize an OAuth2 vendor (gdrive, quickbooks, gusto, xero) and store its tokens.
     Auth(auth::AuthArgs),
+    /// Run the service: schedules, webhooks, real-time feeds (until SIGINT/SIGTERM).
+    Run(run::RunArgs),
 }
 
-fn init_tracing() {
+/// Logs to stderr. `RUST_LOG` wins; else `ARAGORA_DEBUG` means debug; else warnings, plus
+/// `connectors run`'s own info lines (one per run).
+fn init_tracing(service: bool) {
     use tracing_subscriber::EnvFilter;
     let debug = std::env::var("ARAGORA_DEBUG").is_ok_and(|v| !v.is_empty() && v != "0");
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(if debug { "debug" } else { "warn" }));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(true).init();
+    let default = match (debug, service) {
+        (true, _) => "debug",
+        (false, true) => "warn,connectors=info",
+        (false, false) => "warn",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true)
+        .with_ansi(ansi)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -92,7 +107,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_tracing();
+    init_tracing(matches!(cli.command, Command::Run(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -111,6 +126,7 @@ fn main() -> ExitCode {
             Command::State { action } => commands::state(&config_path, action).await,
             Command::Check(args) => commands::check(&config_path, args).await,
             Command::Auth(args) => auth::auth(&config_path, args).await,
+            Command::Run(args) => run::run(&config_path, args).await,
         }
     });
     match result {

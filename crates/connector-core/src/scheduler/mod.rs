@@ -40,6 +40,22 @@
 //! - **Triggers** ([`SyncScheduler::trigger`]: webhooks, NOTIFY) run at once, also outside
 //!   the window. A trigger while a run is going queues exactly one follow-up run, however many
 //!   triggers arrive; a scheduled run that fell due meanwhile is that follow-up.
+//! - **Item hints** ([`SyncScheduler::trigger_items`]) are queued per connector and merged
+//!   (duplicates dropped). When the connector is idle they run at once as one
+//!   [`RunReason::Items`] run: [`SyncEngine::sync_items`], or an incremental sync when the
+//!   engine cannot serve them that way. Items arriving during any run are served right after
+//!   it, in one follow-up run however many arrive (before a scheduled run that fell due
+//!   meanwhile, and before a queued trigger).
+//! - **Triggers only.** [`SyncScheduler::add_triggered_only`] adds a connector without a
+//!   schedule: only triggers and item hints run it.
+//! - **Gate** ([`SchedulerOptions::gate`], leases of several processes): a scheduled or
+//!   catch-up run of a connector the gate refuses is skipped, and its next time computed as
+//!   usual. Before a gated run starts, the connector's state is read again: when another
+//!   process ran it since this scheduler last looked (the newest run in
+//!   [`SyncState::history`](crate::state::SyncState::history) is not one this scheduler saw),
+//!   the schedule continues from that run's end, as after a restart; the run is skipped when
+//!   that makes it not due yet. So a connector changing hands is not run twice for one due
+//!   time. Triggers and item hints are not gated (the caller checks its lease).
 //! - **Stop** ([`SyncScheduler::stop`]) launches nothing more, cancels running syncs at their
 //!   next checkpoint and waits for them.
 //! - **Cost.** One timer task for all connectors, waiting on a min-heap of due times; a run is a
@@ -77,10 +93,15 @@ pub use schedule::{ScheduleConfig, SyncSchedule};
 use crate::engine::{SyncEngine, SyncOptions, SyncResult};
 use crate::error::{Error, ErrorKind, Result};
 use crate::ids::{ConnectorId, TenantId};
+use crate::realtime::ItemRef;
 use crate::state::RunRecord;
 
+/// Decides whether this process may run a connector's scheduled runs now
+/// ([`SchedulerOptions::gate`]): `connectors run` asks its lease manager.
+pub type Gate = Arc<dyn Fn(&ConnectorId, &TenantId) -> bool + Send + Sync>;
+
 /// Options of a [`SyncScheduler`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SchedulerOptions {
     /// The most syncs running at once, over all connectors (at least 1). Default 4.
     pub max_concurrent: usize,
@@ -91,6 +112,21 @@ pub struct SchedulerOptions {
     /// Events a slow [`subscribe`](SyncScheduler::subscribe)r may fall behind before it misses
     /// some (it then gets `RecvError::Lagged`). Default 1024.
     pub event_capacity: usize,
+    /// When set, scheduled and catch-up runs of a connector run only while it answers true
+    /// (see the [module docs](self)); triggers and item hints are not gated. Default `None`.
+    pub gate: Option<Gate>,
+}
+
+impl std::fmt::Debug for SchedulerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedulerOptions")
+            .field("max_concurrent", &self.max_concurrent)
+            .field("sync_options", &self.sync_options)
+            .field("clock", &self.clock)
+            .field("event_capacity", &self.event_capacity)
+            .field("gate", &self.gate.is_some())
+            .finish()
+    }
 }
 
 impl Default for SchedulerOptions {
@@ -100,6 +136,7 @@ impl Default for SchedulerOptions {
             sync_options: SyncOptions::default(),
             clock: Arc::new(SystemClock),
             event_capacity: 1024,
+            gate: None,
         }
     }
 }
@@ -115,6 +152,8 @@ pub enum RunReason {
     Missed,
     /// [`SyncScheduler::trigger`].
     Triggered,
+    /// [`SyncScheduler::trigger_items`]: named items changed (webhooks, NOTIFY).
+    Items,
 }
 
 /// What stopped a run before it completed.
@@ -139,7 +178,8 @@ pub struct RunInfo {
     /// Why it runs.
     pub reason: RunReason,
     /// The schedule's time this run serves: its due time without jitter; for
-    /// [`RunReason::Missed`], the first due time missed; for a trigger, when it was triggered.
+    /// [`RunReason::Missed`], the first due time missed; for a trigger or item hints, when it
+    /// was triggered (or when the run it waited for ended).
     pub scheduled_at: DateTime<Utc>,
     /// When the scheduler meant to start it: `scheduled_at` plus jitter; for a catch-up run,
     /// when the miss was noticed (or the window's opening) plus jitter.
@@ -217,6 +257,8 @@ pub struct ConnectorStatus {
     pub running: bool,
     /// Whether a trigger arrived during the current run (a follow-up run is queued).
     pub trigger_pending: bool,
+    /// Items queued by [`SyncScheduler::trigger_items`] for the next item run.
+    pub items_pending: usize,
     /// When its last sync ended (from the state store, then from this scheduler's runs).
     pub last_sync_at: Option<DateTime<Utc>>,
 }
@@ -231,6 +273,17 @@ pub enum TriggerOutcome {
     Queued,
     /// A run is going and a follow-up was already queued; this trigger joined it.
     Coalesced,
+}
+
+impl TriggerOutcome {
+    /// The outcome's name (`started`, `queued`, `coalesced`), for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerOutcome::Started => "started",
+            TriggerOutcome::Queued => "queued",
+            TriggerOutcome::Coalesced => "coalesced",
+        }
+    }
 }
 
 type Key = (ConnectorId, TenantId);
@@ -263,6 +316,7 @@ struct Shared {
     wake: Notify,
     tracker: TaskTracker,
     next_id: AtomicU64,
+    gate: Option<Gate>,
 }
 
 #[derive(Default)]
@@ -293,6 +347,13 @@ struct Slot {
     heap_gen: u64,
     running: Option<Running>,
     trigger_pending: bool,
+    /// Items of [`SyncScheduler::trigger_items`] waiting for the next item run.
+    pending_items: std::collections::BTreeSet<ItemRef>,
+    /// With a gate: when the newest run in the state store that this scheduler knows of (its
+    /// own, or one it saw) started; a newer one was run by another process.
+    seen_run: Option<DateTime<Utc>>,
+    /// Added by [`SyncScheduler::add_triggered_only`]: never planned.
+    triggers_only: bool,
 }
 
 impl Slot {
@@ -300,11 +361,12 @@ impl Slot {
         ConnectorStatus {
             connector_id: self.key.0.clone(),
             tenant_id: self.key.1.clone(),
-            schedule: self.schedule.to_string(),
+            schedule: if self.triggers_only { "triggers only".into() } else { self.schedule.to_string() },
             next_run: self.planned.map(|p| p.due_at),
             next_reason: self.planned.map(|p| p.reason),
             running: self.running.is_some(),
             trigger_pending: self.trigger_pending,
+            items_pending: self.pending_items.len(),
             last_sync_at: self.last_sync_at,
         }
     }
@@ -337,6 +399,10 @@ struct Launch {
     due_at: DateTime<Utc>,
     /// `Some` for scheduled and catch-up runs: where the schedule continues from.
     anchor: Option<DateTime<Utc>>,
+    /// The items of a [`RunReason::Items`] run.
+    items: Vec<ItemRef>,
+    /// The slot's `seen_run` when the run was launched.
+    seen_run: Option<DateTime<Utc>>,
     cancel: CancellationToken,
     cause: Arc<OnceLock<StopCause>>,
     done: CancellationToken,
@@ -357,6 +423,7 @@ impl SyncScheduler {
                 wake: Notify::new(),
                 tracker: TaskTracker::new(),
                 next_id: AtomicU64::new(1),
+                gate: options.gate,
             }),
         }
     }
@@ -367,6 +434,27 @@ impl SyncScheduler {
     /// # Errors
     /// The (connector, tenant) is already scheduled; its state cannot be read.
     pub async fn add_connector(&self, engine: Arc<SyncEngine>, schedule: SyncSchedule) -> Result<()> {
+        self.add(engine, Some(schedule)).await
+    }
+
+    /// Adds `engine`'s connector without a schedule: it runs only on
+    /// [`trigger`](Self::trigger) and [`trigger_items`](Self::trigger_items) (`connectors run`
+    /// for a connector without a `schedule` table). Its status shows the schedule
+    /// `triggers only` and no next run.
+    ///
+    /// # Errors
+    /// The (connector, tenant) is already added; its state cannot be read.
+    pub async fn add_triggered_only(&self, engine: Arc<SyncEngine>) -> Result<()> {
+        self.add(engine, None).await
+    }
+
+    async fn add(&self, engine: Arc<SyncEngine>, schedule: Option<SyncSchedule>) -> Result<()> {
+        let triggers_only = schedule.is_none();
+        // Never planned; the value only answers the window questions (no window).
+        let schedule = match schedule {
+            Some(s) => s,
+            None => SyncSchedule::every(Duration::from_secs(365 * 24 * 3600))?,
+        };
         let key: Key = (engine.connector().connector_id().clone(), engine.connector().tenant_id().clone());
         let already =
             || Error::config(format!("connector {} for tenant {} is already scheduled", key.0, key.1));
@@ -397,6 +485,11 @@ impl SyncScheduler {
                 heap_gen: 0,
                 running: None,
                 trigger_pending: false,
+                pending_items: Default::default(),
+                // Nothing seen yet: with a gate, the first run checks the state's newest run
+                // (another process may run the connector meanwhile).
+                seen_run: None,
+                triggers_only,
             };
             let started = inner.started;
             if started {
@@ -475,6 +568,7 @@ impl SyncScheduler {
             for slot in inner.slots.iter_mut().flatten() {
                 slot.planned = None;
                 slot.trigger_pending = false;
+                slot.pending_items.clear();
                 if let Some(running) = &slot.running {
                     let _ = running.cause.set(StopCause::SchedulerStopped);
                 }
@@ -526,6 +620,54 @@ impl SyncScheduler {
                 return Ok(TriggerOutcome::Queued);
             }
             let launch = launch_run(slot, idx, RunReason::Triggered, now, now, None, &stop);
+            (launch, inner.runtime.clone())
+        };
+        self.shared.spawn_all(vec![launch], runtime);
+        Ok(TriggerOutcome::Started)
+    }
+
+    /// Brings `items` of a connector up to date (webhooks, NOTIFY), even outside its window.
+    /// The items join the connector's queue (duplicates merge). When the connector is idle, a
+    /// [`RunReason::Items`] run starts at once with everything queued: it runs
+    /// [`SyncEngine::sync_items`], or an incremental sync when that returns `None`. While a
+    /// run is going, the items wait for it and are served right after it, in one run.
+    ///
+    /// Returns [`TriggerOutcome::Started`] when a run started, [`TriggerOutcome::Queued`] when
+    /// the items started a queue behind a running sync, [`TriggerOutcome::Coalesced`] when they
+    /// joined items already queued (or `items` is empty: nothing to do).
+    ///
+    /// # Errors
+    /// The scheduler is not started; the connector is not scheduled.
+    pub fn trigger_items(
+        &self,
+        connector_id: &ConnectorId,
+        tenant: &TenantId,
+        items: Vec<ItemRef>,
+    ) -> Result<TriggerOutcome> {
+        let (launch, runtime) = {
+            let mut inner = self.shared.lock();
+            if !inner.started {
+                return Err(Error::config(format!(
+                    "cannot trigger {connector_id} for tenant {tenant}: the scheduler is not started"
+                )));
+            }
+            let Some(&idx) = inner.index.get(&(connector_id.clone(), tenant.clone())) else {
+                return Err(Error::not_found(format!(
+                    "connector {connector_id} for tenant {tenant} is not scheduled"
+                )));
+            };
+            if items.is_empty() {
+                return Ok(TriggerOutcome::Coalesced);
+            }
+            let stop = inner.stop.clone();
+            let now = self.shared.clock.now();
+            let slot = inner.slots[idx].as_mut().expect("indexed slots exist");
+            let was_empty = slot.pending_items.is_empty();
+            slot.pending_items.extend(items);
+            if slot.running.is_some() {
+                return Ok(if was_empty { TriggerOutcome::Queued } else { TriggerOutcome::Coalesced });
+            }
+            let launch = launch_items(slot, idx, now, &stop);
             (launch, inner.runtime.clone())
         };
         self.shared.spawn_all(vec![launch], runtime);
@@ -680,13 +822,10 @@ impl Shared {
         }
     }
 
-    /// Records the end of `launch` (`finished_at`: when a sync ran) and plans what comes next.
-    /// Returns the runs to start now, the runtime, and whether the timer must wake.
-    fn run_ended(
-        &self,
-        launch: &Launch,
-        finished_at: Option<DateTime<Utc>>,
-    ) -> (Vec<Launch>, Option<Handle>, bool) {
+    /// Records the end of `launch` and plans what comes next. Returns the runs to start now,
+    /// the runtime, and whether the timer must wake.
+    fn run_ended(&self, launch: &Launch, ended: Ended) -> (Vec<Launch>, Option<Handle>, bool) {
+        let Ended { finished_at, seen_run, foreign_end } = ended;
         let mut inner = self.lock();
         let now = self.clock.now();
         let started = inner.started;
@@ -705,15 +844,29 @@ impl Shared {
             if finished_at.is_some() {
                 slot.last_sync_at = finished_at;
             }
+            if seen_run.is_some() {
+                slot.seen_run = seen_run;
+            }
             if !started {
                 return (launches, runtime, false);
             }
-            if let Some(anchor) = launch.anchor {
+            if let Some(end) = foreign_end {
+                // Another process ran it: continue from that run, as after a restart.
+                slot.last_sync_at = Some(end);
+                slot.last_tick = None;
+                slot.planned = plan_after(&slot.schedule, end, now);
+                requeue = true;
+            } else if let Some(anchor) = launch.anchor {
                 slot.last_tick = Some(anchor);
                 slot.planned = plan_after(&slot.schedule, anchor, now);
                 requeue = true;
             }
             match slot.planned {
+                // Item hints first: they are quick, and waited for this run. A scheduled run
+                // that fell due stays planned and starts when they are done.
+                _ if !slot.pending_items.is_empty() => {
+                    launches.push(launch_items(slot, launch.slot, now, &stop));
+                }
                 // Due already (missed, or it fell due during a triggered run): it runs now, and
                 // it is also the follow-up of a pending trigger.
                 Some(p) if p.due_at <= now => {
@@ -766,9 +919,88 @@ fn launch_run(
         scheduled_at,
         due_at,
         anchor,
+        items: Vec::new(),
+        seen_run: slot.seen_run,
         cancel,
         cause,
         done,
+    }
+}
+
+/// Marks `slot` running an item run with everything it has queued.
+fn launch_items(slot: &mut Slot, idx: usize, now: DateTime<Utc>, stop: &CancellationToken) -> Launch {
+    let items: Vec<ItemRef> = std::mem::take(&mut slot.pending_items).into_iter().collect();
+    let mut launch = launch_run(slot, idx, RunReason::Items, now, now, None, stop);
+    launch.items = items;
+    launch
+}
+
+/// When the newest run recorded in `state` started.
+fn newest_run(state: &crate::state::SyncState) -> Option<DateTime<Utc>> {
+    state.history.iter().map(|r| r.started_at).max()
+}
+
+/// How a run ended, for [`Shared::run_ended`].
+#[derive(Debug, Default)]
+struct Ended {
+    /// When a sync ran: when it ended.
+    finished_at: Option<DateTime<Utc>>,
+    /// The newest run in the state store after it (gated schedulers).
+    seen_run: Option<DateTime<Utc>>,
+    /// The run was skipped because another process ran the connector, which ended then.
+    foreign_end: Option<DateTime<Utc>>,
+}
+
+/// What a gated scheduled run does.
+enum GateCheck {
+    Run,
+    /// Skipped: the gate refused it.
+    Refused,
+    /// Skipped: another process ran the connector recently (the run it saw, and its end).
+    RanElsewhere {
+        started_at: DateTime<Utc>,
+        finished_at: DateTime<Utc>,
+    },
+    /// Run, having seen another process's older run (when it started).
+    RunAfterForeign {
+        started_at: DateTime<Utc>,
+    },
+}
+
+/// The gate, and the state store's view of who ran the connector, before a scheduled run.
+async fn gate_check(shared: &Shared, gate: &Gate, launch: &Launch) -> GateCheck {
+    if !gate(&launch.key.0, &launch.key.1) {
+        return GateCheck::Refused;
+    }
+    let state = match launch.engine.state_store().load(&launch.key.0, &launch.key.1).await {
+        Ok(state) => state,
+        Err(e) => {
+            tracing::warn!(connector = %launch.key.0, tenant = %launch.key.1, error = %e,
+                "cannot read the state before a scheduled run; running it");
+            return GateCheck::Run;
+        }
+    };
+    let Some(state) = state else { return GateCheck::Run };
+    let Some(newest) = newest_run(&state) else { return GateCheck::Run };
+    if launch.seen_run.is_some_and(|seen| seen >= newest) {
+        return GateCheck::Run;
+    }
+    let finished_at = state
+        .history
+        .iter()
+        .filter(|r| r.started_at == newest)
+        .map(|r| r.finished_at)
+        .max()
+        .into_iter()
+        .chain(state.last_sync_at)
+        .max()
+        .unwrap_or(newest);
+    let now = shared.clock.now();
+    match plan_after(&launch.schedule, finished_at, now) {
+        Some(next) if next.reason == RunReason::Scheduled && next.scheduled_at > now => {
+            GateCheck::RanElsewhere { started_at: newest, finished_at }
+        }
+        _ => GateCheck::RunAfterForeign { started_at: newest },
     }
 }
 
@@ -808,6 +1040,9 @@ fn plan_after(schedule: &SyncSchedule, anchor: DateTime<Utc>, now: DateTime<Utc>
 
 /// The first run of a connector when the scheduler starts.
 fn plan_initial(slot: &Slot, now: DateTime<Utc>) -> Option<Planned> {
+    if slot.triggers_only {
+        return None;
+    }
     let schedule = &slot.schedule;
     if let Some(last) = slot.last_tick.or(slot.last_sync_at) {
         return plan_after(schedule, last, now);
@@ -881,6 +1116,27 @@ async fn timer_loop(shared: Arc<Shared>, stop: CancellationToken) {
 
 /// One run: waits for a concurrency slot, syncs, then plans the connector's next run.
 async fn run_task(shared: Arc<Shared>, launch: Launch) {
+    let mut ended = Ended::default();
+    if let Some(gate) = &shared.gate
+        && launch.anchor.is_some()
+    {
+        match gate_check(&shared, gate, &launch).await {
+            GateCheck::Run => {}
+            GateCheck::Refused => {
+                tracing::debug!(connector = %launch.key.0, tenant = %launch.key.1,
+                    "scheduled run skipped: the gate refused it (another process holds the lease)");
+                return finish(&shared, &launch, ended, None);
+            }
+            GateCheck::RanElsewhere { started_at, finished_at } => {
+                tracing::debug!(connector = %launch.key.0, tenant = %launch.key.1, %started_at,
+                    "scheduled run skipped: another process already ran it");
+                ended.seen_run = Some(started_at);
+                ended.foreign_end = Some(finished_at);
+                return finish(&shared, &launch, ended, None);
+            }
+            GateCheck::RunAfterForeign { started_at } => ended.seen_run = Some(started_at),
+        }
+    }
     let permit = tokio::select! {
         biased;
         _ = launch.cancel.cancelled() => None,
@@ -892,8 +1148,8 @@ async fn run_task(shared: Arc<Shared>, launch: Launch) {
     {
         let started_at = shared.clock.now();
         let window_end = launch.schedule.window_end(started_at);
-        if launch.reason != RunReason::Triggered && launch.schedule.window().is_some() && window_end.is_none()
-        {
+        let unwindowed = matches!(launch.reason, RunReason::Triggered | RunReason::Items);
+        if !unwindowed && launch.schedule.window().is_some() && window_end.is_none() {
             // It waited past its window (for a concurrency slot): it counts as missed.
             tracing::info!(connector = %launch.key.0, tenant = %launch.key.1,
                 "the run waited past its window; it runs when the window opens again");
@@ -908,8 +1164,21 @@ async fn run_task(shared: Arc<Shared>, launch: Launch) {
             };
             tracing::debug!(connector = %run.connector_id, tenant = %run.tenant_id, reason = ?run.reason, "sync starting");
             shared.emit(SchedulerEvent::Started(run.clone()));
-            let (result, stopped_by) = shared.sync_until(&launch, window_end).await;
+            let served = match launch.reason {
+                RunReason::Items => launch.engine.sync_items(&launch.items).await.map(|r| (r, None)),
+                _ => None,
+            };
+            let (result, stopped_by) = match served {
+                Some(served) => served,
+                // Item hints the engine cannot serve one by one become an incremental sync.
+                None => shared.sync_until(&launch, window_end).await,
+            };
             drop(permit);
+            if shared.gate.is_some()
+                && let Ok(Some(state)) = launch.engine.state_store().load(&launch.key.0, &launch.key.1).await
+            {
+                ended.seen_run = newest_run(&state).max(ended.seen_run);
+            }
             outcome = Some(RunFinished {
                 run,
                 finished_at: shared.clock.now(),
@@ -918,7 +1187,13 @@ async fn run_task(shared: Arc<Shared>, launch: Launch) {
             });
         }
     }
-    let (launches, runtime, wake) = shared.run_ended(&launch, outcome.as_ref().map(|o| o.finished_at));
+    ended.finished_at = outcome.as_ref().map(|o| o.finished_at);
+    finish(&shared, &launch, ended, outcome);
+}
+
+/// Ends a run (or a skipped one): plans what comes next, announces it, starts what is due.
+fn finish(shared: &Arc<Shared>, launch: &Launch, ended: Ended, outcome: Option<RunFinished>) {
+    let (launches, runtime, wake) = shared.run_ended(launch, ended);
     if let Some(finished) = outcome {
         tracing::debug!(connector = %finished.run.connector_id, tenant = %finished.run.tenant_id,
             success = finished.result.success, "sync finished");

@@ -232,6 +232,10 @@ struct ClockedSource {
     yielded: AtomicU64,
     reads: AtomicU64,
     last_from: AtomicU64,
+    /// Whether `fetch` serves single items.
+    can_fetch: bool,
+    /// The items of each `fetch`.
+    fetches: std::sync::Mutex<Vec<Vec<ItemRef>>>,
 }
 
 impl ClockedSource {
@@ -246,6 +250,8 @@ impl ClockedSource {
             yielded: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             last_from: AtomicU64::new(0),
+            can_fetch: true,
+            fetches: Default::default(),
         }
     }
 
@@ -271,6 +277,17 @@ impl Connector for ClockedSource {
     }
     async fn check(&self) -> crate::Result<()> {
         Ok(())
+    }
+    async fn fetch(&self, items: &[ItemRef]) -> crate::Result<Option<Batch>> {
+        if !self.can_fetch {
+            return Ok(None);
+        }
+        self.fetches.lock().unwrap().push(items.to_vec());
+        let changes = items
+            .iter()
+            .map(|i| Change::Upsert(Document::new(i.key.clone(), "row", i.key.clone(), "fetched")))
+            .collect();
+        Ok(Some(Batch { changes, failures: vec![], checkpoint: None }))
     }
     fn read(&self, request: ReadRequest) -> BoxStream<'_, crate::Result<Batch>> {
         self.reads.fetch_add(1, Ordering::SeqCst);
@@ -810,5 +827,165 @@ async fn removing_a_running_connector_cancels_its_sync() {
     let finished = expect_finished(&mut rx).await;
     assert_eq!(finished.stopped_by, Some(StopCause::Removed));
     assert!(scheduler.connectors().is_empty());
+    scheduler.stop().await;
+}
+
+fn item(key: &str) -> ItemRef {
+    ItemRef::new("rows", key)
+}
+
+#[tokio::test]
+async fn item_hints_merge_wait_for_a_running_sync_and_run_once_after_it() {
+    let t0 = utc(2026, 6, 1, 12, 0);
+    let env = Env::new(t0).await;
+    let source = ClockedSource::new("hinted", 3, &env.clock).step(minutes(1));
+    let (engine, committed) = env.engine(&source);
+    let mut plain = ClockedSource::new("plain", 2, &env.clock);
+    plain.can_fetch = false;
+    let plain = Arc::new(plain);
+    let (plain_engine, _) = env.engine(&plain);
+    let scheduler = env.scheduler(4);
+    let mut rx = scheduler.subscribe();
+    scheduler.add_connector(engine, SyncSchedule::every(Duration::from_secs(3600)).unwrap()).await.unwrap();
+    let (c, t) = (&source.id, &source.tenant);
+    assert!(scheduler.trigger_items(c, t, vec![item("a")]).is_err(), "not started");
+    scheduler.start().await;
+    assert_eq!(expect_started(&mut rx).await.reason, RunReason::Scheduled);
+    wait_reads(&source, 1).await;
+
+    // During the run: queued, merged, deduplicated.
+    assert_eq!(scheduler.trigger_items(c, t, vec![item("a"), item("b")]).unwrap(), TriggerOutcome::Queued);
+    assert_eq!(scheduler.trigger_items(c, t, vec![item("b"), item("c")]).unwrap(), TriggerOutcome::Coalesced);
+    assert_eq!(scheduler.trigger_items(c, t, vec![item("a")]).unwrap(), TriggerOutcome::Coalesced);
+    assert_eq!(scheduler.trigger_items(c, t, vec![]).unwrap(), TriggerOutcome::Coalesced);
+    assert_eq!(scheduler.connector(c, t).unwrap().items_pending, 3);
+    for k in 1..=3u64 {
+        env.clock.set(t0 + TimeDelta::minutes(k as i64));
+        wait_until("the next batch", || committed.load(Ordering::SeqCst) == k || k == 3).await;
+    }
+    assert!(expect_finished(&mut rx).await.result.success);
+
+    // Right after it: one item run with everything queued.
+    let run = expect_started(&mut rx).await;
+    assert_eq!((run.reason, run.started_at), (RunReason::Items, t0 + TimeDelta::minutes(3)));
+    let finished = expect_finished(&mut rx).await;
+    assert!(finished.result.success, "{finished:?}");
+    assert!(!finished.result.full_sync);
+    assert_eq!(finished.result.items_synced, 3);
+    assert_eq!(*source.fetches.lock().unwrap(), vec![vec![item("a"), item("b"), item("c")]]);
+    assert_eq!(source.reads.load(Ordering::SeqCst), 1, "items are fetched, not read");
+    expect_quiet(&mut rx);
+    let status = scheduler.connector(c, t).unwrap();
+    assert_eq!((status.running, status.items_pending), (false, 0), "{status:?}");
+    assert_eq!(status.next_run, Some(t0 + TimeDelta::hours(1)), "item runs leave the schedule alone");
+
+    // Idle: an item run starts at once.
+    assert_eq!(scheduler.trigger_items(c, t, vec![item("d")]).unwrap(), TriggerOutcome::Started);
+    assert_eq!(expect_started(&mut rx).await.reason, RunReason::Items);
+    assert_eq!(expect_finished(&mut rx).await.result.items_synced, 1);
+    assert_eq!(source.fetches.lock().unwrap().len(), 2);
+
+    // A connector that cannot fetch single items runs an incremental sync instead.
+    scheduler
+        .add_connector(plain_engine, SyncSchedule::every(Duration::from_secs(3600)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(expect_started(&mut rx).await.reason, RunReason::Scheduled);
+    assert!(expect_finished(&mut rx).await.result.success);
+    let (pc, pt) = (&plain.id, &plain.tenant);
+    assert_eq!(scheduler.trigger_items(pc, pt, vec![item("r1")]).unwrap(), TriggerOutcome::Started);
+    assert_eq!(expect_started(&mut rx).await.reason, RunReason::Items);
+    let finished = expect_finished(&mut rx).await;
+    assert!(finished.result.success && !finished.result.full_sync, "{finished:?}");
+    assert_eq!(plain.reads.load(Ordering::SeqCst), 2, "the fallback is a sync");
+    assert_eq!(plain.last_from.load(Ordering::SeqCst), 2, "an incremental one, from the cursor");
+    expect_quiet(&mut rx);
+
+    // A connector without a schedule runs only on triggers.
+    let manual = Arc::new(ClockedSource::new("manual", 2, &env.clock));
+    let (manual_engine, _) = env.engine(&manual);
+    scheduler.add_triggered_only(manual_engine).await.unwrap();
+    let status = scheduler.connector(&manual.id, &manual.tenant).unwrap();
+    assert_eq!((status.schedule.as_str(), status.next_run), ("triggers only", None));
+    expect_quiet(&mut rx);
+    let (mc, mt) = (&manual.id, &manual.tenant);
+    assert_eq!(scheduler.trigger_items(mc, mt, vec![item("x")]).unwrap(), TriggerOutcome::Started);
+    assert_eq!(expect_started(&mut rx).await.reason, RunReason::Items);
+    let finished = expect_finished(&mut rx).await;
+    assert!(finished.result.success && finished.result.full_sync, "never synced: a first full sync");
+    assert_eq!(scheduler.connector(mc, mt).unwrap().next_run, None);
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn a_gate_skips_refused_runs_and_runs_another_process_already_did() {
+    // The engine stamps its run records with the real time: start the clock at it, so this
+    // scheduler's own records come before the other process's (minutes ahead).
+    let now = Utc::now();
+    let t0 = now - TimeDelta::nanoseconds(i64::from(now.timestamp_subsec_nanos()));
+    let env = Env::new(t0).await;
+    let source = Arc::new(ClockedSource::new("leased", 3, &env.clock));
+    let (engine, _) = env.engine(&source);
+    let allowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let a = allowed.clone();
+    let scheduler = SyncScheduler::new(SchedulerOptions {
+        clock: env.clock.clone(),
+        gate: Some(Arc::new(move |_: &ConnectorId, _: &TenantId| a.load(Ordering::SeqCst))),
+        ..Default::default()
+    });
+    let mut rx = scheduler.subscribe();
+    scheduler.add_connector(engine, SyncSchedule::every(minutes(10)).unwrap()).await.unwrap();
+    scheduler.start().await;
+    let (c, t) = (&source.id, &source.tenant);
+    let next_run = || scheduler.connector(c, t).unwrap().next_run;
+
+    // Refused: skipped, and the next time computed as usual.
+    wait_until("the refused run to be skipped", || next_run() == Some(t0 + TimeDelta::minutes(10))).await;
+    expect_quiet(&mut rx);
+    assert_eq!(source.reads.load(Ordering::SeqCst), 0);
+
+    // Allowed: it runs on time.
+    allowed.store(true, Ordering::SeqCst);
+    env.clock.set(t0 + TimeDelta::minutes(10));
+    let run = expect_started(&mut rx).await;
+    assert_eq!((run.reason, run.scheduled_at), (RunReason::Scheduled, t0 + TimeDelta::minutes(10)));
+    expect_finished(&mut rx).await;
+    wait_until("the next plan", || next_run() == Some(t0 + TimeDelta::minutes(20))).await;
+
+    // Another process (its lease for a while) ran the connector at 19 minutes, for 30 s: the
+    // run due at 20 minutes is skipped, and the schedule continues from that run's end.
+    let mut state = env.state_of(&source).await;
+    let started_at = t0 + TimeDelta::minutes(19);
+    let finished_at = started_at + TimeDelta::seconds(30);
+    let mut record = state.history.back().unwrap().clone();
+    (record.started_at, record.finished_at) = (started_at, finished_at);
+    state.history.push_back(record);
+    state.last_sync_at = Some(finished_at);
+    env.state.save(&state).await.unwrap();
+    env.clock.set(t0 + TimeDelta::minutes(20));
+    wait_until("the run to be skipped", || next_run() == Some(finished_at + TimeDelta::minutes(10))).await;
+    expect_quiet(&mut rx);
+    assert_eq!(source.reads.load(Ordering::SeqCst), 1);
+
+    // At that time it runs (the other run is seen now).
+    env.clock.set(finished_at + TimeDelta::minutes(10));
+    let run = expect_started(&mut rx).await;
+    assert_eq!(run.started_at, finished_at + TimeDelta::minutes(10));
+    expect_finished(&mut rx).await;
+    assert_eq!(source.reads.load(Ordering::SeqCst), 2);
+    let after = finished_at + TimeDelta::minutes(20);
+    wait_until("the next plan", || next_run() == Some(after)).await;
+
+    // Refused again: skipped. Triggers and item hints are not gated.
+    allowed.store(false, Ordering::SeqCst);
+    env.clock.set(after);
+    wait_until("the refused run to be skipped", || next_run() == Some(after + TimeDelta::minutes(10))).await;
+    expect_quiet(&mut rx);
+    assert_eq!(scheduler.trigger(c, t).unwrap(), TriggerOutcome::Started);
+    assert_eq!(expect_started(&mut rx).await.reason, RunReason::Triggered);
+    expect_finished(&mut rx).await;
+    assert_eq!(scheduler.trigger_items(c, t, vec![item("r1")]).unwrap(), TriggerOutcome::Started);
+    assert_eq!(expect_started(&mut rx).await.reason, RunReason::Items);
+    expect_finished(&mut rx).await;
     scheduler.stop().await;
 }
