@@ -386,6 +386,7 @@ async fn configuration_errors_exit_2_and_name_the_problem() {
         (format!("{good}[connectors.schedule]\ninterval_minutes = 5\ncron = \"* * * * *\"\n"), "only one of"),
         (format!("{good}[connectors.schedule]\ninterval_hours = 1\ntimezone = \"Mars/Base\"\n"), "Mars/Base"),
         (format!("[server]\nlease_ttl_seconds = 0\n{good}"), "lease_ttl_seconds"),
+        (format!("[server]\nmax_concurrent_syncs = 0\n{good}"), "max_concurrent_syncs"),
         (format!("[server]\nlease_ttl = 3\n{good}"), "lease_ttl"),
         (format!("[server]\nlisten = \"localhost\"\n{good}"), "server.listen"),
     ] {

@@ -122,10 +122,16 @@ pub struct ServerSection {
     /// Seconds a connector lease lives unless renewed (PostgreSQL state only). Default
     /// [`DEFAULT_LEASE_TTL`].
     pub lease_ttl_seconds: Option<u64>,
+    /// The most syncs `connectors run` runs at once, over all connectors. Default
+    /// [`DEFAULT_MAX_CONCURRENT_SYNCS`].
+    pub max_concurrent_syncs: Option<usize>,
 }
 
 /// Where `connectors run` listens when `[server] listen` is not set.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The concurrency limit when `[server] max_concurrent_syncs` is not set.
+pub const DEFAULT_MAX_CONCURRENT_SYNCS: usize = 4;
+
 /// The lease TTL when `[server] lease_ttl_seconds` is not set.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 
@@ -138,6 +144,11 @@ impl ServerSection {
     /// The lease TTL.
     pub fn lease_ttl(&self) -> Duration {
         self.lease_ttl_seconds.map_or(DEFAULT_LEASE_TTL, Duration::from_secs)
+    }
+
+    /// The concurrency limit of `connectors run`.
+    pub fn max_concurrent_syncs(&self) -> usize {
+        self.max_concurrent_syncs.unwrap_or(DEFAULT_MAX_CONCURRENT_SYNCS)
     }
 }
 
@@ -191,6 +202,11 @@ pub fn load(path: &Path) -> Result<Loaded, CliError> {
                 "{shown}: server.listen: {listen:?} is not an address like 127.0.0.1:8080: {e}"
             ))
         })?;
+    }
+    if file.server.max_concurrent_syncs == Some(0) {
+        return Err(CliError::usage(format!(
+            "{shown}: server.max_concurrent_syncs: must be at least 1 (default {DEFAULT_MAX_CONCURRENT_SYNCS})"
+        )));
     }
     if file.server.lease_ttl_seconds == Some(0) {
         return Err(CliError::usage(format!(

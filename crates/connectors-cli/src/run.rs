@@ -245,7 +245,11 @@ pub async fn run(path: &Path, _args: RunArgs) -> Outcome {
         Arc::new(move |c: &ConnectorId, t: &TenantId| manager.holds(&(c.clone(), t.clone())))
             as connector_core::scheduler::Gate
     });
-    let scheduler = Arc::new(SyncScheduler::new(SchedulerOptions { gate, ..SchedulerOptions::default() }));
+    let scheduler = Arc::new(SyncScheduler::new(SchedulerOptions {
+        gate,
+        max_concurrent: loaded.file.server.max_concurrent_syncs(),
+        ..SchedulerOptions::default()
+    }));
     let metrics = Metrics::new();
     observe(&scheduler, metrics.clone());
     let mut by_kind: HashMap<String, Vec<LeaseKey>> = HashMap::new();
