@@ -1378,15 +1378,16 @@ async fn two_run_processes_share_20_connectors_through_leases_and_survive_kill_9
         for (i, pair) in runs.windows(2).enumerate() {
             let ((s0, f0), (s1, _)) = (pair[0], pair[1]);
             assert!(s1 >= f0, "{connector}: runs overlap: {runs:?}");
-            // Fixed rate: the first runs (full syncs of 20 connectors, 4 at a time) start up to
-            // a second late and the second run is on time, so spacing is checked after them.
-            // A slot run by both processes would be far closer (or overlap).
+            // Fixed rate: a run that starts late (the first full syncs of 20 connectors, 4 at a
+            // time; a busy machine) is followed by one on time, so two runs can be closer than
+            // the interval. A slot run by both processes would start when the first run ends
+            // (or overlap it): far closer than half an interval. The first gap is skipped.
             if i == 0 {
                 continue;
             }
             min_gap = min_gap.min(s1 - s0);
             assert!(
-                s1 - s0 >= interval * 0.75,
+                s1 - s0 >= interval * 0.5,
                 "{connector}: runs {:.3} s apart: {runs:?}\na:\n{}\nb:\n{}",
                 s1 - s0,
                 a.log(),

@@ -363,7 +363,7 @@ const STATE_UPSERT_SQL: &str = "INSERT INTO connector_sync_state (connector_id, 
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 macro_rules! sql_state_store {
-    ($(#[$doc:meta])* $name:ident, $pool:ty, $label:literal) => {
+    ($(#[$doc:meta])* $name:ident, $pool:ty, $label:literal, $lock:expr) => {
         $(#[$doc])*
         #[derive(Debug, Clone)]
         pub struct $name {
@@ -374,9 +374,17 @@ macro_rules! sql_state_store {
         impl $name {
             /// Uses `pool`, creating the state table when missing.
             pub async fn new(pool: $pool, location: impl Into<String>) -> Result<Self> {
-                sqlx::query(STATE_TABLE_SQL).execute(&pool).await.map_err(|e| {
-                    Error::state(concat!("creating the ", $label, " state table")).with_source(e)
-                })?;
+                let fail = |e| Error::state(concat!("creating the ", $label, " state table")).with_source(e);
+                // Several processes may start at once: PostgreSQL's CREATE TABLE IF NOT EXISTS
+                // is not safe against a concurrent one (a duplicate key in its catalog), so
+                // creation is serialized where the database needs it.
+                let mut tx = pool.begin().await.map_err(fail)?;
+                let lock: Option<&str> = $lock;
+                if let Some(lock) = lock {
+                    sqlx::query(lock).execute(&mut *tx).await.map_err(fail)?;
+                }
+                sqlx::query(STATE_TABLE_SQL).execute(&mut *tx).await.map_err(fail)?;
+                tx.commit().await.map_err(fail)?;
                 Ok(Self { pool, location: location.into() })
             }
         }
@@ -445,7 +453,8 @@ sql_state_store!(
     /// embedded knowledge store.
     SqliteStateStore,
     sqlx::SqlitePool,
-    "SQLite"
+    "SQLite",
+    None
 );
 
 #[cfg(feature = "postgres")]
@@ -453,7 +462,8 @@ sql_state_store!(
     /// State in PostgreSQL (table `connector_sync_state`), for several processes sharing it.
     PgStateStore,
     sqlx::PgPool,
-    "PostgreSQL"
+    "PostgreSQL",
+    Some("SELECT pg_advisory_xact_lock(7262536)")
 );
 
 /// States in memory: nothing survives the process (tests, benchmarks, dry runs). No
