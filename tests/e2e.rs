@@ -1085,28 +1085,6 @@ async fn sync_with_the_postgres_password_from_vault_prints_no_secret_at_trace_le
 // ---------------------------------------------------------------------------------------------
 // `connectors run`: the service (scheduler, webhooks, LISTEN/NOTIFY, leases).
 
-/// The setup guide's notification function and trigger ("LISTEN/NOTIFY Setup").
-const GUIDE_NOTIFY_TRIGGER: &str = r#"
-CREATE OR REPLACE FUNCTION notify_document_changes()
-RETURNS TRIGGER AS $$
-BEGIN
-  PERFORM pg_notify(
-    'document_changes',
-    json_build_object(
-      'table', TG_TABLE_NAME,
-      'operation', TG_OP,
-      'id', COALESCE(NEW.id, OLD.id)
-    )::text
-  );
-  RETURN NEW;
-END;
-$$ LANGUAGE plpgsql;
-
-CREATE TRIGGER documents_notify_trigger
-AFTER INSERT OR UPDATE OR DELETE ON documents
-FOR EACH ROW EXECUTE FUNCTION notify_document_changes();
-"#;
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -1201,7 +1179,7 @@ async fn run_serves_notify_changes_within_2_seconds_health_metrics_and_sigterm()
     use connector_core::reexports::sqlx;
     let env = Env::new("e2e_run_notify").await;
     env.documents_table("documents", 50, 0).await;
-    env.sql(GUIDE_NOTIFY_TRIGGER).await;
+    env.sql(connector_testkit::postgres::GUIDE_NOTIFY_TRIGGER).await;
     let port = free_port();
     let config = env.write_config(&format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\n{}notify_channel = \"document_changes\"\n\

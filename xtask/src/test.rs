@@ -55,16 +55,7 @@ pub fn ensure_postgres() -> Result<()> {
         return Ok(());
     }
     say("PostgreSQL not found: installing it with apt-get");
-    let sudo = if running_as_root() {
-        false
-    } else if util::on_path("sudo") {
-        true
-    } else {
-        bail!(
-            "PostgreSQL is not installed and this user cannot install it: run `apt-get install postgresql` as root"
-        );
-    };
-    if !sudo {
+    if running_as_root() {
         // The package would create and start a cluster on port 5432 that nothing here uses.
         let conf = std::path::Path::new("/etc/postgresql-common/createcluster.conf");
         if !conf.exists() {
@@ -72,16 +63,7 @@ pub fn ensure_postgres() -> Result<()> {
             std::fs::write(conf, "create_main_cluster = false\n")?;
         }
     }
-    let apt = |args: &[&str]| {
-        let mut cmd = if sudo { Command::new("sudo") } else { Command::new("apt-get") };
-        if sudo {
-            cmd.arg("apt-get");
-        }
-        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        cmd
-    };
-    util::run(&mut apt(&["update", "-q"]))?;
-    util::run(&mut apt(&["install", "-y", "-q", "postgresql"]))?;
+    apt_install(&["postgresql"])?;
     let bins = PgBinaries::find().context("apt-get installed postgresql, but its programs are not found")?;
     say(format!("PostgreSQL {} installed in {}", bins.major, bins.dir.display()));
     Ok(())

@@ -296,17 +296,25 @@ impl SyncEngine {
         let mut counters = Counters::default();
         let mut full_sync = false;
         let outcome = self.sync_inner(&options, &mut counters, &mut full_sync).await;
-        let (success, error_kind) = match &outcome {
-            Ok(()) => (counters.failed == 0, None),
-            Err(e) => {
-                counters.error(e.to_string());
-                (false, Some(e.kind()))
-            }
-        };
+        self.result(outcome, counters, full_sync, started)
+    }
+
+    /// The result of a run, from what it counted and how it ended.
+    fn result(
+        &self,
+        outcome: Result<()>,
+        mut counters: Counters,
+        full_sync: bool,
+        started: Instant,
+    ) -> SyncResult {
+        let error_kind = outcome.err().map(|e| {
+            counters.error(e.to_string());
+            e.kind()
+        });
         SyncResult {
             connector_id: self.connector.connector_id().clone(),
             tenant_id: self.connector.tenant_id().clone(),
-            success,
+            success: error_kind.is_none() && counters.failed == 0,
             full_sync,
             items_synced: counters.synced,
             items_failed: counters.failed,
@@ -330,39 +338,27 @@ impl SyncEngine {
     pub async fn sync_items(&self, items: &[ItemRef]) -> Option<SyncResult> {
         let started = Instant::now();
         let mut counters = Counters::default();
-        let outcome = self.sync_items_inner(items, &mut counters).await;
-        let error_kind = match outcome {
+        let outcome = match self.sync_items_inner(items, &mut counters).await {
             Ok(false) => return None,
-            Ok(true) => None,
-            Err(e) => {
-                counters.error(e.to_string());
-                Some(e.kind())
-            }
+            Ok(true) => Ok(()),
+            Err(e) => Err(e),
         };
-        Some(SyncResult {
-            connector_id: self.connector.connector_id().clone(),
-            tenant_id: self.connector.tenant_id().clone(),
-            success: error_kind.is_none() && counters.failed == 0,
-            full_sync: false,
-            items_synced: counters.synced,
-            items_failed: counters.failed,
-            items_deleted: counters.deleted,
-            items_unchanged: counters.unchanged,
-            errors: counters.errors,
-            error_kind,
-            duration: started.elapsed(),
-            timings: counters.timings,
-        })
+        Some(self.result(outcome, counters, false, started))
     }
 
-    async fn sync_items_inner(&self, items: &[ItemRef], counters: &mut Counters) -> Result<bool> {
+    /// Takes the engine's one-sync-at-a-time slot, or fails naming the connector.
+    fn claim(&self) -> Result<RunningGuard<'_>> {
         if self.running.swap(true, Ordering::SeqCst) {
             return Err(Error::new(
                 ErrorKind::Config,
                 format!("a sync of {} is already running", self.connector.connector_id()),
             ));
         }
-        let _running = RunningGuard(&self.running);
+        Ok(RunningGuard(&self.running))
+    }
+
+    async fn sync_items_inner(&self, items: &[ItemRef], counters: &mut Counters) -> Result<bool> {
+        let _running = self.claim()?;
         let (cid, tid) = (self.connector.connector_id().clone(), self.connector.tenant_id().clone());
         let _lock = self.state.lock(&cid, &tid).await?;
         let Some(mut state) = self.state.load(&cid, &tid).await? else { return Ok(false) };
@@ -395,13 +391,7 @@ impl SyncEngine {
         counters: &mut Counters,
         full_sync: &mut bool,
     ) -> Result<()> {
-        if self.running.swap(true, Ordering::SeqCst) {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!("a sync of {} is already running", self.connector.connector_id()),
-            ));
-        }
-        let _running = RunningGuard(&self.running);
+        let _running = self.claim()?;
         let (cid, tid) = (self.connector.connector_id().clone(), self.connector.tenant_id().clone());
         let _lock = self.state.lock(&cid, &tid).await?;
         let cancel = {

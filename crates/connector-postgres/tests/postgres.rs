@@ -527,27 +527,7 @@ async fn estimates_count_rows_for_progress() {
 // ---------------------------------------------------------------------------------------------
 // Real time: LISTEN/NOTIFY and fetching single rows.
 
-/// The notification function and trigger of the setup guide ("LISTEN/NOTIFY Setup"), verbatim.
-const GUIDE_TRIGGER: &str = r#"
-CREATE OR REPLACE FUNCTION notify_document_changes()
-RETURNS TRIGGER AS $$
-BEGIN
-  PERFORM pg_notify(
-    'document_changes',
-    json_build_object(
-      'table', TG_TABLE_NAME,
-      'operation', TG_OP,
-      'id', COALESCE(NEW.id, OLD.id)
-    )::text
-  );
-  RETURN NEW;
-END;
-$$ LANGUAGE plpgsql;
-
-CREATE TRIGGER documents_notify_trigger
-AFTER INSERT OR UPDATE OR DELETE ON documents
-FOR EACH ROW EXECUTE FUNCTION notify_document_changes();
-"#;
+use connector_testkit::postgres::GUIDE_NOTIFY_TRIGGER as GUIDE_TRIGGER;
 
 /// The `application_name` of the feed's connection.
 const LISTENER: &str = "enterprise-connectors-listener";

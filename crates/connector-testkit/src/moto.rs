@@ -21,10 +21,10 @@
 //! Every server started here is killed when its owner goes away: by `Drop`, and by a small
 //! watchdog process when the owning process exits without running destructors.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -267,18 +267,13 @@ fn spawn_watchdog(server_pid: u32, run_dir: &Path) -> Result<Child> {
         kill -9 "$server" 2>/dev/null
         rm -rf "$run"
     "#;
-    Command::new("sh")
-        .args(["-c", SCRIPT, "connectors-moto-watchdog"])
-        .arg(std::process::id().to_string())
-        .arg(server_pid.to_string())
-        .arg(run_dir)
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .context("spawning the moto watchdog (sh)")
+    let pid = server_pid.to_string();
+    crate::postgres::run_watchdog(
+        "connectors-moto-watchdog",
+        SCRIPT,
+        &[OsStr::new(&pid), run_dir.as_os_str()],
+    )
+    .context("spawning the moto watchdog (sh)")
 }
 
 #[cfg(test)]

@@ -586,19 +586,28 @@ fn spawn_watchdog(owned: &Owned) -> Result<Child> {
         fi >/dev/null 2>&1
         rm -rf "$run"
     "#;
+    let pg_ctl = owned.bins.tool("pg_ctl");
+    let args = [
+        owned.run_dir.as_os_str(),
+        pg_ctl.as_os_str(),
+        OsStr::new(if owned.as_postgres { "1" } else { "0" }),
+    ];
+    run_watchdog("connectors-pg-watchdog", SCRIPT, &args).context("spawning the PostgreSQL watchdog (sh)")
+}
+
+/// Runs a watchdog `script` with `sh -c`: `$1` is this process's pid, then `args`. Detached
+/// from the test process (own process group, no stdio, working directory `/`).
+pub(crate) fn run_watchdog(name: &str, script: &str, args: &[&OsStr]) -> std::io::Result<Child> {
     Command::new("sh")
-        .args(["-c", SCRIPT, "connectors-pg-watchdog"])
+        .args(["-c", script, name])
         .arg(std::process::id().to_string())
-        .arg(&owned.run_dir)
-        .arg(owned.bins.tool("pg_ctl"))
-        .arg(if owned.as_postgres { "1" } else { "0" })
+        .args(args)
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()
-        .context("spawning the PostgreSQL watchdog (sh)")
 }
 
 fn start_postmaster(owned: &Owned, port: u16) -> Result<()> {
@@ -702,6 +711,29 @@ fn check_output(what: &str, output: &Output) -> Result<()> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     bail!("{what} failed ({}):\n{}{}", output.status, stderr.trim_end(), stdout.trim_end())
 }
+
+/// The setup guide's notification function and trigger ("LISTEN/NOTIFY Setup"), verbatim: the
+/// `documents` table notifies channel `document_changes` with `{table, operation, id}`.
+pub const GUIDE_NOTIFY_TRIGGER: &str = r#"
+CREATE OR REPLACE FUNCTION notify_document_changes()
+RETURNS TRIGGER AS $$
+BEGIN
+  PERFORM pg_notify(
+    'document_changes',
+    json_build_object(
+      'table', TG_TABLE_NAME,
+      'operation', TG_OP,
+      'id', COALESCE(NEW.id, OLD.id)
+    )::text
+  );
+  RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+
+CREATE TRIGGER documents_notify_trigger
+AFTER INSERT OR UPDATE OR DELETE ON documents
+FOR EACH ROW EXECUTE FUNCTION notify_document_changes();
+"#;
 
 #[cfg(test)]
 mod tests {

@@ -334,6 +334,20 @@ struct Inner {
     timer: Option<JoinHandle<()>>,
 }
 
+impl Inner {
+    /// The slot a trigger of (connector, tenant) goes to, or why there is none.
+    fn trigger_target(&self, connector_id: &ConnectorId, tenant: &TenantId) -> Result<usize> {
+        if !self.started {
+            return Err(Error::config(format!(
+                "cannot trigger {connector_id} for tenant {tenant}: the scheduler is not started"
+            )));
+        }
+        self.index.get(&(connector_id.clone(), tenant.clone())).copied().ok_or_else(|| {
+            Error::not_found(format!("connector {connector_id} for tenant {tenant} is not scheduled"))
+        })
+    }
+}
+
 struct Slot {
     /// Unique over the scheduler's life (a slot index is reused after a removal).
     id: u64,
@@ -599,16 +613,7 @@ impl SyncScheduler {
     pub fn trigger(&self, connector_id: &ConnectorId, tenant: &TenantId) -> Result<TriggerOutcome> {
         let (launch, runtime) = {
             let mut inner = self.shared.lock();
-            if !inner.started {
-                return Err(Error::config(format!(
-                    "cannot trigger {connector_id} for tenant {tenant}: the scheduler is not started"
-                )));
-            }
-            let Some(&idx) = inner.index.get(&(connector_id.clone(), tenant.clone())) else {
-                return Err(Error::not_found(format!(
-                    "connector {connector_id} for tenant {tenant} is not scheduled"
-                )));
-            };
+            let idx = inner.trigger_target(connector_id, tenant)?;
             let stop = inner.stop.clone();
             let now = self.shared.clock.now();
             let slot = inner.slots[idx].as_mut().expect("indexed slots exist");
@@ -646,16 +651,7 @@ impl SyncScheduler {
     ) -> Result<TriggerOutcome> {
         let (launch, runtime) = {
             let mut inner = self.shared.lock();
-            if !inner.started {
-                return Err(Error::config(format!(
-                    "cannot trigger {connector_id} for tenant {tenant}: the scheduler is not started"
-                )));
-            }
-            let Some(&idx) = inner.index.get(&(connector_id.clone(), tenant.clone())) else {
-                return Err(Error::not_found(format!(
-                    "connector {connector_id} for tenant {tenant} is not scheduled"
-                )));
-            };
+            let idx = inner.trigger_target(connector_id, tenant)?;
             if items.is_empty() {
                 return Ok(TriggerOutcome::Coalesced);
             }
